@@ -1,0 +1,53 @@
+"""Where gridvm keeps its state: one home directory per daemon."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_HOME = "/var/lib/gridvm"
+
+
+@dataclass(frozen=True)
+class Home:
+    """The state directory of one gridvmd (database, sockets, logs, images)."""
+
+    root: Path
+
+    @classmethod
+    def resolve(cls, home: str | os.PathLike[str] | None = None) -> Home:
+        """`home` if given, else $GRIDVM_HOME, else /var/lib/gridvm."""
+        return cls(Path(home or os.environ.get("GRIDVM_HOME") or DEFAULT_HOME).absolute())
+
+    @property
+    def db(self) -> Path:
+        return self.root / "gridvm.db"
+
+    @property
+    def api_socket(self) -> Path:
+        return self.root / "gridvmd.sock"
+
+    @property
+    def run(self) -> Path:
+        """Per-domain runtime files (QMP sockets, serial sockets, pid files)."""
+        return self.root / "run"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def images(self) -> Path:
+        """The image store; $GRIDVM_IMAGES overrides it (e.g. a cache shared by tests)."""
+        env = os.environ.get("GRIDVM_IMAGES")
+        return Path(env).absolute() if env else self.root / "images"
+
+    @property
+    def daemon_log(self) -> Path:
+        return self.logs / "gridvmd.log"
+
+    def ensure(self) -> None:
+        """Create the directory tree (idempotent)."""
+        for d in (self.root, self.run, self.logs, self.images):
+            d.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,1 @@
+"""gridvm.qemu"""
