@@ -1,0 +1,88 @@
+"""gridvmd: the per-host agent. One per home; guests survive its restarts."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fcntl
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import uvicorn
+
+from gridvm.api.app import make_app
+from gridvm.errors import GridvmError
+from gridvm.host.manager import HostManager
+from gridvm.paths import Home
+from gridvm.store.sqlite import SqliteStore
+
+
+def _lock(home: Home) -> int:
+    """Hold an exclusive lock on the home for the daemon's lifetime."""
+    fd = os.open(home.root / "gridvmd.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise GridvmError(f"another gridvmd is already running with home {home.root}") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def _logging(home: Home, verbose: bool) -> None:
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    fh = logging.FileHandler(home.daemon_log)
+    fh.setFormatter(fmt)
+    root.addHandler(fh)
+    sh = logging.StreamHandler(sys.stderr)
+    sh.setFormatter(fmt)
+    root.addHandler(sh)
+    logging.getLogger("qemu").setLevel(logging.WARNING)
+    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+
+
+async def serve(home: Home, accel: str) -> None:
+    store = SqliteStore(home.db)
+    manager = HostManager(home, store, accel=accel)
+    sock = home.api_socket
+    sock.unlink(missing_ok=True)
+    config = uvicorn.Config(make_app(manager), uds=str(sock), log_level="warning",
+                            lifespan="on", timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    try:
+        await server.serve()
+    finally:
+        sock.unlink(missing_ok=True)
+        store.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="gridvmd", description=__doc__)
+    parser.add_argument("--home", help="state directory (default $GRIDVM_HOME or /var/lib/gridvm)")
+    parser.add_argument("--accel", choices=["auto", "kvm", "tcg"],
+                        default=os.environ.get("GRIDVM_ACCEL", "auto"))
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    home = Home.resolve(args.home)
+    try:
+        home.ensure()
+        lock = _lock(home)
+    except (GridvmError, OSError) as exc:
+        print(f"gridvmd: error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    _logging(home, args.verbose)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        asyncio.run(serve(home, args.accel))
+    finally:
+        os.close(lock)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,333 @@
+"""The `gridvm` command: xm/xl verbs against the local gridvmd."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from gridvm.api.client import Client
+from gridvm.config.xmfile import load_config
+from gridvm.errors import ConfigError, GridvmError
+from gridvm.paths import Home
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Xen-style toolstack on QEMU (xm/xl verbs).")
+image_app = typer.Typer(no_args_is_help=True, help="Guest images.")
+app.add_typer(image_app, name="image")
+
+out = Console()
+err = Console(stderr=True)
+
+HomeOpt = Annotated[str | None, typer.Option("--home", help="gridvm home (or $GRIDVM_HOME)")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
+
+
+class State:
+    home: Home = Home.resolve()
+
+
+@app.callback()
+def _root(home: HomeOpt = None) -> None:
+    State.home = Home.resolve(home)
+
+
+def client(timeout: float = 120) -> Client:
+    return Client(State.home, timeout=timeout)
+
+
+def emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+def parse_vars(items: list[str]) -> dict[str, str]:
+    variables: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise ConfigError(f"bad variable {item!r}: use NAME=VALUE")
+        variables[key] = value
+    return variables
+
+
+def read_config(file: Path, items: list[str]) -> dict[str, Any]:
+    result = load_config(file, parse_vars(items))
+    for warning in result.warnings:
+        err.print(f"gridvm: warning: {warning}", highlight=False)
+    return result.config.model_dump(mode="json")
+
+
+# ----- domain lifecycle ----------------------------------------------------------------------
+
+
+@app.command()
+def create(
+    file: Path,
+    variables: Annotated[list[str] | None, typer.Argument(help="NAME=VALUE for xm_vars")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", "-n", help="print the domain")] = False,
+    console_: Annotated[bool, typer.Option("-c", help="attach the console")] = False,
+    paused: Annotated[bool, typer.Option("-p", "--paused", help="leave it paused")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create and start a domain from an xm/xl config file."""
+    cfg = read_config(file, variables or [])
+    if dry_run:
+        from gridvm.config.macs import assign_macs
+        from gridvm.config.model import DomainConfig
+
+        emit_json(assign_macs(DomainConfig.model_validate(cfg), ()).model_dump(mode="json"))
+        return
+    view = client().post("/domains", {"config": cfg, "paused": paused})
+    if as_json:
+        emit_json(view)
+    else:
+        out.print(f"Started domain {view['name']} (id={view['domid']})", highlight=False)
+    if console_:
+        attach_console(view["name"])
+
+
+@app.command()
+def new(file: Path, variables: Annotated[list[str] | None, typer.Argument()] = None) -> None:
+    """Define a managed domain without starting it."""
+    cfg = read_config(file, variables or [])
+    view = client().post("/domains", {"config": cfg, "managed": True, "start": False})
+    out.print(f"Defined domain {view['name']}", highlight=False)
+
+
+@app.command()
+def start(
+    dom: str,
+    paused: Annotated[bool, typer.Option("-p", "--paused")] = False,
+    console_: Annotated[bool, typer.Option("-c")] = False,
+) -> None:
+    """Start a defined (managed) domain."""
+    view = client().post(f"/domains/{dom}/start", {"paused": paused})
+    out.print(f"Started domain {view['name']} (id={view['domid']})", highlight=False)
+    if console_:
+        attach_console(dom)
+
+
+@app.command()
+def delete(dom: str) -> None:
+    """Remove a defined domain that is not running."""
+    client().delete(f"/domains/{dom}")
+
+
+Wait = Annotated[bool, typer.Option("-w", "--wait", help="wait until it is done")]
+Timeout = Annotated[float, typer.Option("--timeout", help="seconds to wait with -w")]
+
+
+@app.command()
+def shutdown(dom: str, wait: Wait = False, timeout: Timeout = 120) -> None:
+    """Ask a domain to power off (ACPI power button)."""
+    client(timeout + 10).post(f"/domains/{dom}/shutdown", {"wait": wait, "timeout": timeout})
+
+
+@app.command()
+def reboot(dom: str, wait: Wait = False, timeout: Timeout = 120) -> None:
+    """Ask a domain to reboot."""
+    client(timeout + 10).post(f"/domains/{dom}/reboot", {"wait": wait, "timeout": timeout})
+
+
+@app.command()
+def destroy(dom: str) -> None:
+    """Stop a domain at once (pull the plug)."""
+    client().post(f"/domains/{dom}/destroy")
+
+
+@app.command()
+def pause(dom: str) -> None:
+    """Pause a domain."""
+    client().post(f"/domains/{dom}/pause")
+
+
+@app.command()
+def unpause(dom: str) -> None:
+    """Resume a paused domain."""
+    client().post(f"/domains/{dom}/unpause")
+
+
+@app.command()
+def rename(dom: str, new_name: str) -> None:
+    """Rename a domain."""
+    client().post(f"/domains/{dom}/rename", {"name": new_name})
+
+
+@app.command()
+def save(dom: str, file: Path) -> None:
+    """Save a domain's memory and config to FILE and stop it."""
+    client(900).post(f"/domains/{dom}/save", {"file": str(file.absolute())})
+
+
+@app.command()
+def restore(file: Path, paused: Annotated[bool, typer.Option("-p", "--paused")] = False) -> None:
+    """Restore a domain from a save file."""
+    view = client(900).post("/restore", {"file": str(file.absolute()), "paused": paused})
+    out.print(f"Restored domain {view['name']} (id={view['domid']})", highlight=False)
+
+
+@app.command()
+def console(dom: str) -> None:
+    """Attach to a domain's serial console (Ctrl-] detaches)."""
+    attach_console(dom)
+
+
+def attach_console(dom: str) -> None:
+    from gridvm.cli.console import attach
+
+    info = client().get(f"/domains/{dom}/console")
+    attach(Path(info["socket"]))
+
+
+# ----- information ---------------------------------------------------------------------------
+
+FLAGS = {"running": "r-----", "blocked": "-b----", "paused": "--p---", "shutdown": "---s--",
+         "crashed": "----c-", "dying": "-----d", "shutoff": "------"}
+
+
+@app.command("list")
+def list_(
+    doms: Annotated[list[str] | None, typer.Argument()] = None,
+    long: Annotated[bool, typer.Option("-l", "--long")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """List domains (xm's columns: Name ID Mem VCPUs State Time(s))."""
+    c = client()
+    views = [c.get(f"/domains/{d}") for d in doms] if doms else c.get("/domains")
+    if as_json or long:
+        emit_json(views)
+        return
+    table = Table(box=None, pad_edge=False, show_edge=False)
+    for col, just in (("Name", "left"), ("ID", "right"), ("Mem", "right"),
+                      ("VCPUs", "right"), ("State", "left"), ("Time(s)", "right")):
+        table.add_column(col, justify=just)  # type: ignore[arg-type]
+    if not doms:
+        info = c.get("/info")
+        table.add_row("Domain-0", "0", str(info["total_memory"]), str(info["nr_cpus"]),
+                      "r-----", "-")
+    for v in views:
+        table.add_row(v["name"], "-" if v["domid"] is None else str(v["domid"]),
+                      str(v["memory"]), str(v["vcpus"]), FLAGS.get(v["state"], v["state"]),
+                      f"{v['cpu_time']:.1f}")
+    out.print(table, highlight=False)
+
+
+@app.command()
+def info(as_json: JsonOpt = False) -> None:
+    """Host information, including the accelerator in use and why."""
+    data = client().get("/info")
+    if as_json:
+        emit_json(data)
+        return
+    for key, value in data.items():
+        out.print(f"{key:<16}: {value}", highlight=False)
+
+
+@app.command()
+def uptime(doms: Annotated[list[str] | None, typer.Argument()] = None,
+           as_json: JsonOpt = False) -> None:
+    """Uptime of running domains."""
+    c = client()
+    views = [c.get(f"/domains/{d}") for d in doms] if doms else c.get("/domains")
+    rows = [{"name": v["name"], "domid": v["domid"], "uptime": v["uptime"]}
+            for v in views if v["uptime"] is not None]
+    if as_json:
+        emit_json(rows)
+        return
+    out.print(f"{'Name':<24}{'ID':>4}  Uptime", highlight=False)
+    for r in rows:
+        out.print(f"{r['name']:<24}{r['domid']:>4}  {_hms(r['uptime'])}", highlight=False)
+
+
+def _hms(seconds: float) -> str:
+    s = int(seconds)
+    days, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    return (f"{days} day{'s' if days != 1 else ''}, " if days else "") + f"{h}:{m:02d}:{s:02d}"
+
+
+@app.command()
+def domid(name: str) -> None:
+    """Print a domain's domid."""
+    v = client().get(f"/domains/{name}")
+    if v["domid"] is None:
+        raise GridvmError(f"domain {v['name']} is not running")
+    out.print(v["domid"])
+
+
+@app.command()
+def domname(dom_id: str) -> None:
+    """Print the name of a domid."""
+    out.print(client().get(f"/domains/{dom_id}")["name"], highlight=False)
+
+
+@app.command()
+def dmesg(dom: str, lines: Annotated[int, typer.Option("-n")] = 200) -> None:
+    """A domain's console output (kernel messages)."""
+    sys.stdout.write(client().get(f"/domains/{dom}/dmesg", params={"lines": lines})["text"] + "\n")
+
+
+@app.command()
+def log(lines: Annotated[int, typer.Option("-n")] = 200) -> None:
+    """The gridvmd log."""
+    sys.stdout.write(client().get("/log", params={"lines": lines})["text"] + "\n")
+
+
+# ----- images --------------------------------------------------------------------------------
+
+
+@image_app.command("build")
+def image_build(name: str = "tiny",
+                force: Annotated[bool, typer.Option("--force")] = False) -> None:
+    """Build a guest image into the image store (idempotent)."""
+    from gridvm.images.tiny import build_tiny
+
+    if name != "tiny":
+        raise GridvmError(f"unknown image recipe {name!r} (known: tiny)")
+    State.home.images.mkdir(parents=True, exist_ok=True)
+    with err.status("building the tiny guest image") as status:
+        img = build_tiny(State.home.images, force=force,
+                         log=lambda msg: status.update(f"tiny: {msg}"))
+    out.print(f"tiny: kernel {img.kernel}, ramdisk {img.ramdisk}, disk {img.disk}",
+              highlight=False)
+
+
+@image_app.command("list")
+def image_list(as_json: JsonOpt = False) -> None:
+    """List images in the store."""
+    from gridvm.images.store import list_images
+
+    images = [i.to_json() for i in list_images(State.home.images)]
+    if as_json:
+        emit_json(images)
+        return
+    for i in images:
+        out.print(f"{i['name']}: kernel={i['kernel']} ramdisk={i['ramdisk']} disk={i['disk']}",
+                  highlight=False)
+
+
+@app.command()
+def demo(
+    as_json: JsonOpt = False,
+    keep: Annotated[bool, typer.Option("--keep", help="leave the demo running")] = False,
+) -> None:
+    """One FermiGrid host: four guests on one bridge, each answering HTTP."""
+    from gridvm.demo import run_demo
+
+    run_demo(as_json=as_json, keep=keep)
+
+
+def main() -> None:
+    try:
+        app()
+    except GridvmError as exc:
+        err.print(f"gridvm: error: {exc}", highlight=False, markup=False)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None

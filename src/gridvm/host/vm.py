@@ -1,0 +1,119 @@
+"""One running domain: its QEMU process, monitor, and the events that drive its state."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from gridvm.host import links, procs
+from gridvm.qemu.qmp import Monitor, StreamListener
+from gridvm.store.records import DomainRecord
+
+log = logging.getLogger("gridvm.vm")
+
+WATCHED = ("SHUTDOWN", "STOP", "RESUME", "GUEST_PANICKED", "RESET")
+
+# What the watcher reports to its manager: (vm, kind) with kind poweroff|reboot|crash|died.
+Handler = Callable[["Vm", str], Awaitable[None]]
+
+
+class Vm:
+    """A QEMU process that gridvmd owns (launched or re-adopted)."""
+
+    def __init__(self, rec: DomainRecord, pid: int, rundir: Path, monitor: Monitor) -> None:
+        self.rec = rec
+        self.pid = pid
+        self.rundir = rundir
+        self.monitor = monitor
+        self.lock = asyncio.Lock()          # one state-changing operation at a time
+        self.busy: str | None = None         # e.g. "migrating": refuse conflicting operations
+        self.expected_exit = False           # set before we stop QEMU ourselves
+        self.pending_reboot = False          # `reboot` = ACPI power-off, then restart
+        self.gone = asyncio.Event()          # set when the QEMU has been torn down
+        self.restarted = asyncio.Event()     # set on every automatic restart
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.rec.name
+
+    @property
+    def serial_socket(self) -> Path:
+        return self.rundir / "serial.sock"
+
+    @property
+    def console_log(self) -> Path:
+        return self.rundir / "console.log"
+
+    def start_watching(self, handler: Handler) -> None:
+        self._task = asyncio.create_task(self._watch(handler), name=f"watch-{self.name}")
+
+    async def _watch(self, handler: Handler) -> None:
+        listener = StreamListener(WATCHED)
+        with self.monitor.client.listen(listener):
+            while True:
+                try:
+                    event = await asyncio.wait_for(listener.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    if not procs.pid_alive(self.pid):
+                        if not self.expected_exit:
+                            await handler(self, "died")
+                        return
+                    continue
+                kind = self._classify(event)
+                if kind:
+                    await handler(self, kind)
+
+    def _classify(self, event: dict[str, Any]) -> str | None:
+        name = event["event"]
+        data = event.get("data", {})
+        if name == "STOP" and self.rec.state in ("running", "blocked"):
+            self.rec.state = "paused"
+        elif name == "RESUME":
+            self.rec.state = "running"
+        elif name == "GUEST_PANICKED":
+            return "crash"
+        elif name == "SHUTDOWN" and data.get("guest"):
+            reason = data.get("reason", "")
+            if reason == "guest-reset":
+                return "reboot"
+            if reason == "guest-panic":
+                return "crash"
+            return "reboot" if self.pending_reboot else "poweroff"
+        return None
+
+    async def status(self) -> str:
+        result = await self.monitor.execute("query-status", timeout=5)
+        return str(result["status"])
+
+    async def stop_process(self) -> None:
+        """Quit QEMU (politely over QMP, then by signal) and wait until it is gone."""
+        self.expected_exit = True
+        if procs.pid_alive(self.pid):
+            with contextlib.suppress(Exception):
+                await self.monitor.execute("quit", timeout=2)
+            await procs.kill_and_wait(self.pid, timeout=3)
+        await self.detach()
+
+    async def detach(self) -> None:
+        """Stop watching and close the monitor, leaving QEMU as it is."""
+        task, self._task = self._task, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.monitor.close()
+
+    def release_resources(self) -> None:
+        """Remove what the domain held on the host: taps and its run directory."""
+        for tap in self.rec.taps:
+            try:
+                links.delete_link(tap)
+            except links.LinkError as exc:
+                log.warning("%s: %s", self.name, exc)
+        shutil.rmtree(self.rundir, ignore_errors=True)

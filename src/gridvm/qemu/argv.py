@@ -1,0 +1,232 @@
+"""Compose a QEMU command line from small device objects built from a DomainConfig.
+
+Each device knows only its own arguments; `build_argv` picks the devices for the domain's
+profile (PV: direct kernel boot and virtio; HVM: SeaBIOS, IDE disks and e1000).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from gridvm.config.model import DiskSpec, DomainConfig, VifSpec
+from gridvm.errors import ConfigError
+
+
+class Device(Protocol):
+    def args(self) -> list[str]: ...
+
+
+def _opts(head: str, **kv: object) -> str:
+    """`head,key=value,...` skipping None values; bools become on/off."""
+    parts = [head]
+    for key, value in kv.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            value = "on" if value else "off"
+        parts.append(f"{key.replace('_', '-')}={value}")
+    return ",".join(parts)
+
+
+@dataclass(frozen=True)
+class Machine:
+    accel: str
+    name: str
+    uuid: str
+    memory: int
+    maxmem: int
+    vcpus: int
+
+    def args(self) -> list[str]:
+        cpu = "host" if self.accel == "kvm" else "qemu64"
+        return [
+            "-machine", f"pc,accel={self.accel}",
+            "-cpu", cpu,
+            "-name", f"{self.name},process=gridvm:{self.name}",
+            "-uuid", self.uuid,
+            "-m", f"{self.memory}M",
+            "-smp", str(self.vcpus),
+            "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none",
+            # Guest shutdown, reboot and panic pause QEMU; gridvmd applies on_* actions.
+            "-action", "reboot=shutdown,shutdown=pause,panic=pause",
+        ]
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Control sockets and files in the domain's run directory."""
+
+    rundir: Path
+
+    def args(self) -> list[str]:
+        r = self.rundir
+        return [
+            "-qmp", f"unix:{r / 'qmp.sock'},server=on,wait=off",
+            "-chardev", _opts("socket", id="ser0", path=r / "serial.sock", server=True,
+                              wait=False, logfile=r / "console.log", logappend=True),
+            "-serial", "chardev:ser0",
+            "-pidfile", str(r / "qemu.pid"),
+            "-daemonize",
+        ]
+
+
+@dataclass(frozen=True)
+class DirectKernel:
+    kernel: str
+    ramdisk: str | None
+    cmdline: str
+
+    def args(self) -> list[str]:
+        argv = ["-kernel", self.kernel, "-append", self.cmdline]
+        if self.ramdisk:
+            argv += ["-initrd", self.ramdisk]
+        return argv
+
+
+@dataclass(frozen=True)
+class Firmware:
+    """SeaBIOS boot with settings passed as SMBIOS OEM strings (`gridvm:key=value`)."""
+
+    boot: str
+    oem: list[str] = field(default_factory=list)
+
+    def args(self) -> list[str]:
+        order = "".join(c for c in self.boot if c in "acdn") or "c"
+        argv = ["-boot", f"order={order}"]
+        for value in self.oem:
+            argv += ["-smbios", f"type=11,value=gridvm:{value.replace(',', ',,')}"]
+        return argv
+
+
+def _throttle(d: DiskSpec) -> dict[str, object]:
+    return {
+        "throttling.bps-total": d.bps, "throttling.bps-read": d.bps_rd,
+        "throttling.bps-write": d.bps_wr, "throttling.iops-total": d.iops,
+        "throttling.iops-read": d.iops_rd, "throttling.iops-write": d.iops_wr,
+    }
+
+
+IDE_SLOTS = {"a": (0, 0), "b": (0, 1), "c": (1, 0), "d": (1, 1)}
+
+
+@dataclass(frozen=True)
+class Disk:
+    index: int
+    spec: DiskSpec
+    hvm: bool
+
+    @property
+    def node(self) -> str:
+        return f"vbd{self.index}"
+
+    def _ide_slot(self) -> tuple[int, int]:
+        letter = self.spec.vdev.rstrip("0123456789")[-1:]
+        if letter not in IDE_SLOTS:
+            raise ConfigError(f"disk {self.spec.vdev}: HVM guests have four IDE slots (a-d)")
+        return IDE_SLOTS[letter]
+
+    def args(self) -> list[str]:
+        s = self.spec
+        drive = _opts(
+            "if=none", id=self.node, file=s.target, format=s.format,
+            readonly=(s.mode == "r") or None, media="cdrom" if s.devtype == "cdrom" else None,
+            cache="none" if s.devtype == "disk" else None, aio="threads",
+        )
+        extra = ",".join(f"{k}={v}" for k, v in _throttle(s).items() if v)
+        if extra:
+            drive += "," + extra
+        if self.hvm:
+            bus, unit = self._ide_slot()
+            kind = "ide-cd" if s.devtype == "cdrom" else "ide-hd"
+            dev = _opts(kind, drive=self.node, bus=f"ide.{bus}", unit=unit, id=s.vdev)
+        else:
+            dev = _opts("virtio-blk-pci", drive=self.node, id=s.vdev)
+        return ["-drive", drive, "-device", dev]
+
+
+@dataclass(frozen=True)
+class Nic:
+    index: int
+    spec: VifSpec
+    tap: str
+    hvm: bool
+
+    def args(self) -> list[str]:
+        model = self.spec.model or ("e1000" if self.hvm else "virtio-net-pci")
+        if model in ("virtio", "virtio-net"):
+            model = "virtio-net-pci"
+        netdev = _opts("tap", id=f"vif{self.index}", ifname=self.tap, script="no",
+                       downscript="no", vhost=None)
+        return ["-netdev", netdev,
+                "-device", _opts(model, netdev=f"vif{self.index}", mac=self.spec.mac,
+                                 id=f"nic{self.index}")]
+
+
+@dataclass(frozen=True)
+class PvDevices:
+    """Balloon, entropy and crash notification: Xen's paravirtual extras."""
+
+    def args(self) -> list[str]:
+        return [
+            "-device", "virtio-balloon-pci,id=balloon0",
+            "-object", "rng-random,filename=/dev/urandom,id=rng0",
+            "-device", "virtio-rng-pci,rng=rng0",
+        ]
+
+
+@dataclass(frozen=True)
+class Pvpanic:
+    def args(self) -> list[str]:
+        return ["-device", "pvpanic"]
+
+
+@dataclass(frozen=True)
+class Incoming:
+    def args(self) -> list[str]:
+        return ["-incoming", "defer"]
+
+
+def hvm_oem_strings(cfg: DomainConfig) -> list[str]:
+    """The settings a PV guest gets on its cmdline, as OEM strings for firmware boot."""
+    oem = []
+    ip = cfg.ip_param()
+    if ip:
+        oem.append(f"ip={ip}")
+    if cfg.net.hostname:
+        oem.append(f"gridvm.hostname={cfg.net.hostname}")
+    return oem
+
+
+def devices(cfg: DomainConfig, *, accel: str, rundir: Path, taps: list[str],
+            incoming: bool = False) -> list[Device]:
+    """The device objects for one domain."""
+    hvm = cfg.type == "hvm"
+    devs: list[Device] = [
+        Machine(accel, cfg.name, cfg.uuid, cfg.memory, cfg.max_memory, cfg.vcpus),
+        Runtime(rundir),
+    ]
+    if hvm:
+        devs.append(Firmware(cfg.boot, hvm_oem_strings(cfg)))
+    else:
+        if not cfg.kernel:
+            raise ConfigError(f"domain {cfg.name}: a PV domain needs a kernel")
+        cmdline = " ".join(p for p in ("console=ttyS0", cfg.kernel_cmdline()) if p)
+        devs.append(DirectKernel(cfg.kernel, cfg.ramdisk, cmdline))
+    devs += [Disk(i, d, hvm) for i, d in enumerate(cfg.disks)]
+    devs += [Nic(i, v, taps[i], hvm) for i, v in enumerate(cfg.vifs)]
+    devs.append(PvDevices())
+    devs.append(Pvpanic())
+    if incoming:
+        devs.append(Incoming())
+    return devs
+
+
+def build_argv(binary: str, cfg: DomainConfig, *, accel: str, rundir: Path,
+               taps: list[str], incoming: bool = False) -> list[str]:
+    """The full QEMU argv for `cfg`."""
+    argv = [binary]
+    for dev in devices(cfg, accel=accel, rundir=rundir, taps=taps, incoming=incoming):
+        argv += dev.args()
+    return argv

@@ -1,0 +1,66 @@
+"""A thin typed wrapper over `qemu.qmp` for one domain's monitor."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import EventListener, ExecuteError, QMPClient
+
+from gridvm.errors import QemuError
+
+
+class Monitor:
+    """One QMP connection; events are consumed through scoped listeners only."""
+
+    def __init__(self, name: str, socket: Path) -> None:
+        self.socket = socket
+        self.client = QMPClient(name)
+        # The default listener keeps every event forever: drop it in a long-lived daemon.
+        self.client.remove_listener(self.client.events)
+
+    async def connect(self, timeout: float = 10.0) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            try:
+                await asyncio.wait_for(self.client.connect(str(self.socket)), timeout=5)
+                return
+            except (OSError, asyncio.TimeoutError, Exception) as exc:  # qemu.qmp wraps OSError
+                if loop.time() > deadline:
+                    raise QemuError(f"cannot connect to QMP at {self.socket}: {exc}") from exc
+                await asyncio.sleep(0.05)
+
+    async def execute(self, cmd: str, args: dict[str, Any] | None = None,
+                      timeout: float = 30.0) -> Any:
+        try:
+            return await asyncio.wait_for(self.client.execute(cmd, args), timeout=timeout)
+        except ExecuteError as exc:
+            raise QemuError(f"QEMU refused {cmd}: {exc.error.desc}") from exc
+        except asyncio.TimeoutError as exc:
+            raise QemuError(f"QEMU did not answer {cmd} within {timeout:.0f}s") from exc
+        except (EOFError, ConnectionError, Exception) as exc:
+            if isinstance(exc, QemuError):
+                raise
+            raise QemuError(f"QMP {cmd} failed: {type(exc).__name__}: {exc}") from exc
+
+    @contextlib.asynccontextmanager
+    async def listen(self, *names: str) -> AsyncIterator[EventListener]:
+        listener = EventListener(names or None)
+        with self.client.listen(listener):
+            yield listener
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.client.disconnect()
+
+
+class StreamListener(EventListener):
+    """An EventListener that keeps no history (for listeners that live as long as a domain)."""
+
+    async def put(self, event: Any) -> None:
+        if self.accept(event):
+            await self._queue.put(event)

@@ -1,0 +1,45 @@
+"""What the store keeps about a domain: its configuration and the host's intent for it."""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol
+
+from pydantic import BaseModel, Field
+
+from gridvm.config.model import DomainConfig
+
+# Xen's domain states, plus "shutoff" for a managed domain that is defined but not running.
+State = Literal["running", "blocked", "paused", "shutdown", "crashed", "dying", "shutoff"]
+
+
+class DomainRecord(BaseModel):
+    config: DomainConfig
+    managed: bool = False          # defined with `new`: stays when it stops
+    domid: int | None = None       # set while a QEMU exists for it
+    state: State = "shutoff"
+    started_at: float | None = None  # wall clock of the current boot
+    restarts: list[float] = Field(default_factory=list)  # recent automatic restarts
+    taps: list[str] = Field(default_factory=list)
+    accel: str | None = None
+    shutdown_reason: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def uuid(self) -> str:
+        return self.config.uuid
+
+
+class Store(Protocol):
+    """State behind one interface: SQLite on one host, etcd in a cluster."""
+
+    def put(self, rec: DomainRecord) -> None: ...
+    def get(self, uuid: str) -> DomainRecord | None: ...
+    def by_name(self, name: str) -> DomainRecord | None: ...
+    def all(self) -> list[DomainRecord]: ...
+    def delete(self, uuid: str) -> None: ...
+    def next_domid(self) -> int: ...
+    def get_meta(self, key: str) -> str | None: ...
+    def set_meta(self, key: str, value: str) -> None: ...
