@@ -59,7 +59,8 @@ def read_config(file: Path, items: list[str]) -> dict[str, Any]:
     result = load_config(file, parse_vars(items))
     for warning in result.warnings:
         err.print(f"gridvm: warning: {warning}", highlight=False)
-    return result.config.model_dump(mode="json")
+    config: dict[str, Any] = result.config.model_dump(mode="json")
+    return config
 
 
 # ----- domain lifecycle ----------------------------------------------------------------------

@@ -130,7 +130,7 @@ class DomainConfig(Strict):
                 f"invalid domain name {v!r} (letters, digits, '.', '_', '-'; up to 63)"
             )
         if v.isdigit():
-            raise ValueError(f"domain name {v!r} must not be all digits (it would look like a domid)")
+            raise ValueError(f"domain name {v!r} must not be all digits (a domid)")
         return v
 
     @field_validator("uuid")

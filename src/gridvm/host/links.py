@@ -23,7 +23,7 @@ def link_exists(name: str) -> bool:
 
 
 def ensure_bridge(name: str) -> None:
-    """Create bridge `name` (no address, up) unless it exists; an existing non-bridge is an error."""
+    """Create bridge `name` (up, no address) unless it exists; a non-bridge is an error."""
     with IPRoute() as ipr:
         idx = _index(ipr, name)
         if idx is None:

@@ -283,12 +283,12 @@ class HostManager:
         log.info("%s: %s -> %s", rec.name, kind, action)
         if action.startswith("coredump-"):
             await self._coredump(vm)
-            action = action.removeprefix("coredump-")
-        if action == "restart" and self._restart_allowed(rec):
+        action_kind = action.removeprefix("coredump-")
+        if action_kind == "restart" and self._restart_allowed(rec):
             await self._reset(vm)
-        elif action == "rename-restart" and self._restart_allowed(rec):
+        elif action_kind == "rename-restart" and self._restart_allowed(rec):
             await self._rename_restart(vm)
-        elif action == "destroy":
+        elif action_kind == "destroy":
             await self._teardown(vm, reason=kind)
         else:  # preserve, or a restart refused by the loop guard
             rec.state = "crashed" if kind == "crash" else "shutdown"
@@ -416,7 +416,7 @@ class HostManager:
     async def _wait(self, event: asyncio.Event, timeout: float, message: str) -> None:
         try:
             await asyncio.wait_for(event.wait(), timeout=timeout)
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise GridvmError(f"{message} within {timeout:.0f}s") from exc
 
     # ----- save / restore -----------------------------------------------------------------

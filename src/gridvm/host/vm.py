@@ -59,13 +59,13 @@ class Vm:
             while True:
                 try:
                     event = await asyncio.wait_for(listener.get(), timeout=1.0)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     if not procs.pid_alive(self.pid):
                         if not self.expected_exit:
                             await handler(self, "died")
                         return
                     continue
-                kind = self._classify(event)
+                kind = self._classify(dict(event))
                 if kind:
                     await handler(self, kind)
 

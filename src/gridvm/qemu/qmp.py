@@ -29,7 +29,7 @@ class Monitor:
             try:
                 await asyncio.wait_for(self.client.connect(str(self.socket)), timeout=5)
                 return
-            except (OSError, asyncio.TimeoutError, Exception) as exc:  # qemu.qmp wraps OSError
+            except (TimeoutError, OSError, Exception) as exc:  # qemu.qmp wraps OSError
                 if loop.time() > deadline:
                     raise QemuError(f"cannot connect to QMP at {self.socket}: {exc}") from exc
                 await asyncio.sleep(0.05)
@@ -39,8 +39,8 @@ class Monitor:
         try:
             return await asyncio.wait_for(self.client.execute(cmd, args), timeout=timeout)
         except ExecuteError as exc:
-            raise QemuError(f"QEMU refused {cmd}: {exc.error.desc}") from exc
-        except asyncio.TimeoutError as exc:
+            raise QemuError(f"QEMU refused {cmd}: {exc.error.error.desc}") from exc
+        except TimeoutError as exc:
             raise QemuError(f"QEMU did not answer {cmd} within {timeout:.0f}s") from exc
         except (EOFError, ConnectionError, Exception) as exc:
             if isinstance(exc, QemuError):

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Install everything gridvm needs on Debian 12 (run as root): system packages and .venv/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  qemu-system-x86 qemu-utils          # the hypervisor and image tools
+  busybox-static cpio xz-utils        # the tiny guest's initramfs
+  syslinux syslinux-common mtools dosfstools  # the tiny guest's bootable HVM disk
+  iproute2 nftables dnsmasq-base      # bridges, taps, NAT, DHCP
+  e2fsprogs socat
+  python3-venv
+)
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/pip install -q --disable-pip-version-check -e '.[dev]'
+echo "setup: done (.venv/bin/gridvm, .venv/bin/gridvmd)"
