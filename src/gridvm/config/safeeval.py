@@ -1,0 +1,857 @@
+"""A restricted evaluator for xm config files: Python syntax read as data, never executed.
+
+Xen's `xm create` ran config files with `execfile`; gridvm parses them with `ast` and walks
+the tree itself. What a config may contain:
+
+* statements: `name = expr` (also `a = b = expr`, `a, b = expr`), `name += expr` (and the
+  other arithmetic augmented assignments), `if/elif/else`, `def` of small functions (check
+  functions; their bodies may use assignments, `if`, `return`, `raise ValueError(...)`),
+  `pass`, docstrings, and expression statements that are calls (`xm_vars.var(...)`,
+  `xm_vars.check()`);
+* expressions: literals, lists, tuples, dicts, names, f-strings, `+ - * / // % **`,
+  `%` formatting, comparisons, `and/or/not`, `x if c else y`, subscripts and slices, list
+  comprehensions, and calls of `int str float bool len range max min abs list`, of functions
+  the file defines, and of `xm_vars.var`, `xm_vars.check`, `xm_vars.env.get`.
+
+Everything else (`import`, other attribute access, dunder names, `lambda`, loops, unknown
+calls such as `open` or `exec`) is a `ConfigError` naming file:line. Evaluation is bounded in
+steps, call depth, value size (characters plus elements) and integer size, so a hostile file
+cannot hang or exhaust the reader.
+
+`xm_vars` follows Xen's `xen.xm.help.Vars`: `xm_vars.var(name, use, check)` declares a
+variable; `xm_vars.check()` calls `check(name, value)` for each declared variable, with the
+string given on the command line (or None), and the returned value replaces the variable.
+"""
+
+from __future__ import annotations
+
+import ast
+import keyword
+import operator
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+from gridvm.errors import ConfigError
+
+__all__ = [
+    "EvalResult",
+    "Limits",
+    "Function",
+    "evaluate",
+    "first_code_statement",
+    "parse_source",
+]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on one evaluation."""
+
+    max_source: int = 1_000_000  # characters of config text
+    max_steps: int = 200_000  # evaluated nodes
+    max_size: int = 1_000_000  # size of any value: characters + elements, recursively
+    max_int_bits: int = 4096
+    max_depth: int = 32  # nested function calls
+    max_width: int = 10_000  # width/precision in a format spec
+
+
+@dataclass(frozen=True)
+class Function:
+    """A function defined by the config (`def vmid_check(var, val): ...`)."""
+
+    name: str
+    params: tuple[str, ...]
+    defaults: tuple[object, ...]
+    body: tuple[ast.stmt, ...]
+    line: int
+
+    def __repr__(self) -> str:
+        return f"<function {self.name}>"
+
+
+@dataclass(frozen=True)
+class Declared:
+    """A variable declared with `xm_vars.var`."""
+
+    name: str
+    use: str | None
+    check: object
+    line: int
+
+
+@dataclass
+class EvalResult:
+    """The names a config file leaves behind."""
+
+    values: dict[str, object]  # every top-level name, including command-line variables
+    lines: dict[str, int]  # names the file assigned at top level -> line of the last assignment
+    used: set[str]  # names the file reads somewhere
+    declared: dict[str, Declared] = field(default_factory=dict)
+
+
+class _XmVars:
+    def __repr__(self) -> str:
+        return "<xm_vars>"
+
+
+class _Env:
+    def __repr__(self) -> str:
+        return "<xm_vars.env>"
+
+
+@dataclass(frozen=True)
+class _Method:
+    name: str  # "var", "check", "env.get"
+
+    def __repr__(self) -> str:
+        return f"<xm_vars.{self.name}>"
+
+
+@dataclass(frozen=True)
+class _Builtin:
+    name: str
+    fn: Callable[..., Any]
+
+    def __repr__(self) -> str:
+        return f"<builtin {self.name}>"
+
+
+XM_VARS = _XmVars()
+_ENV = _Env()
+PREDEFINED = frozenset({"xm_vars", "xm_file", "xm_help"})
+
+
+class _Failure(Exception):
+    """A run-time error of the config's own logic (what would be a Python exception)."""
+
+    def __init__(self, message: str, line: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.line = line
+
+
+class _Return(Exception):
+    def __init__(self, value: object) -> None:
+        super().__init__()
+        self.value = value
+
+
+_BINOPS: dict[type[ast.operator], Callable[[Any, Any], Any]] = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+    ast.Pow: operator.pow,
+}
+_CMPOPS: dict[type[ast.cmpop], Callable[[Any, Any], Any]] = {
+    ast.Eq: operator.eq,
+    ast.NotEq: operator.ne,
+    ast.Lt: operator.lt,
+    ast.LtE: operator.le,
+    ast.Gt: operator.gt,
+    ast.GtE: operator.ge,
+    ast.In: lambda a, b: a in b,
+    ast.NotIn: lambda a, b: a not in b,
+    ast.Is: operator.is_,
+    ast.IsNot: operator.is_not,
+}
+_EXCEPTIONS = frozenset({"ValueError", "TypeError"})
+_PY_ERRORS = (TypeError, ValueError, ZeroDivisionError, OverflowError, IndexError, KeyError)
+_PERCENT_SPEC = re.compile(
+    r"%(?:\([^)]*\))?[-#0 +]*(\*|\d+)?(?:\.(\*|\d*))?[hlL]?([diouxXeEfFgGcrsa%])?"
+)
+_DIGITS = re.compile(r"\d+")
+_CONSTANT_TYPES = (str, int, float, bool, type(None))
+
+_STATEMENT_NAMES = {
+    ast.For: "'for' loops",
+    ast.While: "'while' loops",
+    ast.With: "'with' statements",
+    ast.Try: "'try' statements",
+    ast.ClassDef: "classes",
+    ast.Global: "'global'",
+    ast.Nonlocal: "'nonlocal'",
+    ast.Delete: "'del'",
+    ast.Assert: "'assert'",
+    ast.AsyncFunctionDef: "async functions",
+}
+_EXPRESSION_NAMES = {
+    ast.Lambda: "lambda expressions",
+    ast.GeneratorExp: "generator expressions",
+    ast.SetComp: "set comprehensions",
+    ast.DictComp: "dict comprehensions",
+    ast.Set: "set literals",
+    ast.NamedExpr: "':=' assignments",
+    ast.Await: "'await'",
+    ast.Yield: "'yield'",
+    ast.YieldFrom: "'yield'",
+    ast.Starred: "starred ('*') expressions",
+}
+
+
+def _range(*args: int) -> list[int]:
+    return list(range(*args))
+
+
+_BUILTIN_FNS: dict[str, Callable[..., Any]] = {
+    "int": int,
+    "str": str,
+    "float": float,
+    "bool": bool,
+    "len": len,
+    "range": _range,
+    "max": max,
+    "min": min,
+    "abs": abs,
+    "list": list,
+}
+BUILTINS = {name: _Builtin(name, fn) for name, fn in _BUILTIN_FNS.items()}
+
+
+def parse_source(source: str, filename: str, limits: Limits | None = None) -> ast.Module:
+    """Parse config text into an AST; a syntax error is a `ConfigError` at its line."""
+    limits = limits or Limits()
+    if len(source) > limits.max_source:
+        raise ConfigError(
+            f"config is too large (over {limits.max_source} characters)", file=filename
+        )
+    try:
+        return ast.parse(source, filename=filename)
+    except SyntaxError as exc:
+        raise ConfigError(f"syntax error: {exc.msg}", file=filename, line=exc.lineno) from None
+    except (RecursionError, MemoryError, ValueError) as exc:
+        raise ConfigError(f"cannot parse config: {exc}", file=filename) from None
+
+
+def _is_literal(node: ast.expr) -> bool:
+    if isinstance(node, ast.Constant):
+        return isinstance(node.value, str | int | float) and not isinstance(node.value, bool)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
+        operand = node.operand
+        return isinstance(operand, ast.Constant) and isinstance(operand.value, int | float)
+    if isinstance(node, ast.List | ast.Tuple):
+        return all(_is_literal(e) for e in node.elts)
+    return False
+
+
+def first_code_statement(tree: ast.Module) -> ast.stmt | None:
+    """The first statement that is not plain `KEY = literal` / `KEY += literal` data.
+
+    xl files hold only such settings; anything else marks an xm (Python) config.
+    """
+    for stmt in tree.body:
+        if (
+            isinstance(stmt, ast.Assign)
+            and len(stmt.targets) == 1
+            and isinstance(stmt.targets[0], ast.Name)
+            and _is_literal(stmt.value)
+        ):
+            continue
+        if (
+            isinstance(stmt, ast.AugAssign)
+            and isinstance(stmt.op, ast.Add)
+            and isinstance(stmt.target, ast.Name)
+            and _is_literal(stmt.value)
+        ):
+            continue
+        return stmt
+    return None
+
+
+def _is_dunder(name: str) -> bool:
+    return name.startswith("__") and name.endswith("__")
+
+
+def _used_names(tree: ast.Module) -> set[str]:
+    used: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+            used.add(node.id)
+        elif isinstance(node, ast.Call) and node.args:
+            first = node.args[0]
+            if (
+                isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("var", "get")
+                and isinstance(first, ast.Constant)
+                and isinstance(first.value, str)
+            ):
+                used.add(first.value)
+    return used
+
+
+class _Evaluator:
+    def __init__(self, filename: str, variables: Mapping[str, str], limits: Limits) -> None:
+        self.filename = filename
+        self.limits = limits
+        self.globals: dict[str, object] = {"xm_vars": XM_VARS, "xm_file": filename, "xm_help": 0}
+        self.globals.update(variables)
+        self.lines: dict[str, int] = {}
+        self.declared: dict[str, Declared] = {}
+        self.steps = 0
+        self.depth = 0
+        # Values are never mutated after creation, so a container's size is computed once.
+        self._sizes: dict[int, tuple[object, int]] = {}
+
+    # ----- errors and limits -----------------------------------------------------------
+
+    def reject(self, message: str, node: ast.AST | None) -> NoReturn:
+        line = getattr(node, "lineno", None) if node is not None else None
+        raise ConfigError(message, file=self.filename, line=line)
+
+    def fail(self, message: str, node: ast.AST) -> NoReturn:
+        raise _Failure(message, getattr(node, "lineno", 0))
+
+    def tick(self, node: ast.AST) -> None:
+        self.steps += 1
+        if self.steps > self.limits.max_steps:
+            self.reject(
+                f"config takes too long to evaluate (over {self.limits.max_steps} steps)", node
+            )
+
+    def size(self, value: object) -> int:
+        """Characters plus elements of `value`, recursively (cached per container)."""
+        if isinstance(value, str):
+            return len(value) + 1
+        if not isinstance(value, list | tuple | dict):
+            return 1
+        cached = self._sizes.get(id(value))
+        if cached is not None and cached[0] is value:
+            return cached[1]
+        total = 1
+        if isinstance(value, dict):
+            for k, v in value.items():
+                total += self.size(k) + self.size(v)
+        else:
+            for item in value:
+                total += self.size(item)
+        self._sizes[id(value)] = (value, total)
+        return total
+
+    def new(self, value: object, node: ast.AST) -> object:
+        """Admit a freshly made value, enforcing the size limits."""
+        if isinstance(value, int) and value.bit_length() > self.limits.max_int_bits:
+            self.reject(f"number too large (over {self.limits.max_int_bits} bits)", node)
+        if self.size(value) > self.limits.max_size:
+            self.reject(f"value too large (over {self.limits.max_size} characters/elements)", node)
+        return value
+
+    # ----- statements -----------------------------------------------------------------
+
+    def run(self, tree: ast.Module) -> None:
+        scope = [self.globals]
+        try:
+            self.exec_block(tree.body, scope, in_function=False)
+        except _Failure as exc:
+            raise ConfigError(exc.message, file=self.filename, line=exc.line) from None
+        except RecursionError:
+            self.reject("config is nested too deeply", None)
+
+    def exec_block(self, body: list[ast.stmt], scope: list[dict[str, object]], *,
+                   in_function: bool) -> None:
+        for stmt in body:
+            self.exec_stmt(stmt, scope, in_function=in_function)
+
+    def exec_stmt(self, stmt: ast.stmt, scope: list[dict[str, object]], *,
+                  in_function: bool) -> None:
+        self.tick(stmt)
+        if isinstance(stmt, ast.Assign):
+            value = self.eval(stmt.value, scope)
+            for target in stmt.targets:
+                self.assign(target, value, scope, stmt)
+        elif isinstance(stmt, ast.AugAssign):
+            if not isinstance(stmt.target, ast.Name):
+                self.reject("only plain names can be assigned", stmt)
+            current = self.lookup(stmt.target.id, scope, stmt.target)
+            value = self.binop(stmt.op, current, self.eval(stmt.value, scope), stmt)
+            self.assign(stmt.target, value, scope, stmt)
+        elif isinstance(stmt, ast.If):
+            branch = stmt.body if self.truth(self.eval(stmt.test, scope)) else stmt.orelse
+            self.exec_block(branch, scope, in_function=in_function)
+        elif isinstance(stmt, ast.Expr):
+            if isinstance(stmt.value, ast.Constant) and isinstance(stmt.value.value, str):
+                return  # docstring
+            if not isinstance(stmt.value, ast.Call):
+                self.reject("an expression on its own line has no effect; only calls are allowed",
+                            stmt)
+            self.eval(stmt.value, scope)
+        elif isinstance(stmt, ast.Pass):
+            return
+        elif isinstance(stmt, ast.FunctionDef):
+            if in_function:
+                self.reject("functions cannot be defined inside functions", stmt)
+            self.define(stmt, scope)
+        elif isinstance(stmt, ast.Return):
+            if not in_function:
+                self.reject("'return' outside a function", stmt)
+            raise _Return(None if stmt.value is None else self.eval(stmt.value, scope))
+        elif isinstance(stmt, ast.Raise):
+            self.raise_(stmt, scope)
+        elif isinstance(stmt, ast.Import | ast.ImportFrom):
+            self.reject("'import' is not allowed in config files (they are read as data)", stmt)
+        else:
+            what = _STATEMENT_NAMES.get(type(stmt), f"'{type(stmt).__name__}' statements")
+            self.reject(f"{what} are not allowed in config files", stmt)
+
+    def assign(self, target: ast.expr, value: object, scope: list[dict[str, object]],
+               stmt: ast.stmt) -> None:
+        if isinstance(target, ast.Name):
+            name = target.id
+            if _is_dunder(name):
+                self.reject(f"name {name!r} is not allowed", target)
+            scope[0][name] = value
+            if scope[0] is self.globals:
+                self.lines[name] = stmt.lineno
+        elif isinstance(target, ast.Tuple | ast.List):
+            if not isinstance(value, list | tuple | str):
+                self.fail(f"cannot unpack {type(value).__name__}", stmt)
+            if len(value) != len(target.elts):
+                self.fail(f"cannot unpack {len(value)} values into {len(target.elts)} names", stmt)
+            for sub, item in zip(target.elts, value, strict=True):
+                self.assign(sub, item, scope, stmt)
+        else:
+            self.reject("only plain names can be assigned", target)
+
+    def define(self, stmt: ast.FunctionDef, scope: list[dict[str, object]]) -> None:
+        args = stmt.args
+        if stmt.decorator_list:
+            self.reject("decorators are not allowed", stmt.decorator_list[0])
+        if args.vararg or args.kwarg or args.kwonlyargs:
+            self.reject("functions may take only plain parameters", stmt)
+        if _is_dunder(stmt.name):
+            self.reject(f"name {stmt.name!r} is not allowed", stmt)
+        params = tuple(a.arg for a in (*args.posonlyargs, *args.args))
+        defaults = tuple(self.eval(d, scope) for d in args.defaults)
+        scope[0][stmt.name] = Function(stmt.name, params, defaults, tuple(stmt.body), stmt.lineno)
+
+    def raise_(self, stmt: ast.Raise, scope: list[dict[str, object]]) -> NoReturn:
+        exc = stmt.exc
+        if stmt.cause is not None or exc is None:
+            self.reject("only 'raise ValueError(...)' is allowed", stmt)
+        if isinstance(exc, ast.Name) and exc.id in _EXCEPTIONS:
+            self.fail("", stmt)
+        if (
+            isinstance(exc, ast.Call)
+            and isinstance(exc.func, ast.Name)
+            and exc.func.id in _EXCEPTIONS
+            and not exc.keywords
+            and len(exc.args) <= 1
+        ):
+            message = self.eval(exc.args[0], scope) if exc.args else ""
+            self.fail(message if isinstance(message, str) else repr(message), stmt)
+        self.reject("only 'raise ValueError(...)' is allowed", stmt)
+
+    # ----- expressions ----------------------------------------------------------------
+
+    def truth(self, value: object) -> bool:
+        return bool(value)
+
+    def lookup(self, name: str, scope: list[dict[str, object]], node: ast.AST) -> object:
+        if _is_dunder(name):
+            self.reject(f"name {name!r} is not allowed", node)
+        for frame in scope:
+            if name in frame:
+                return frame[name]
+        if name in BUILTINS:
+            return BUILTINS[name]
+        decl = self.declared.get(name)
+        if decl is not None:
+            use = f" ({decl.use})" if decl.use else ""
+            self.fail(f"variable {name!r} is not set: give it as {name}=VALUE{use}", node)
+        self.fail(
+            f"name {name!r} is not defined (if it is a variable, give it as {name}=VALUE)", node
+        )
+
+    def eval(self, node: ast.expr, scope: list[dict[str, object]]) -> object:
+        self.tick(node)
+        if isinstance(node, ast.Constant):
+            if not isinstance(node.value, _CONSTANT_TYPES):
+                self.reject(f"{type(node.value).__name__} literals are not allowed", node)
+            return node.value
+        if isinstance(node, ast.Name):
+            return self.lookup(node.id, scope, node)
+        if isinstance(node, ast.List):
+            return self.new([self.eval(e, scope) for e in node.elts], node)
+        if isinstance(node, ast.Tuple):
+            return self.new(tuple(self.eval(e, scope) for e in node.elts), node)
+        if isinstance(node, ast.Dict):
+            result: dict[Any, object] = {}
+            for k, v in zip(node.keys, node.values, strict=True):
+                if k is None:
+                    self.reject("'**' unpacking is not allowed", node)
+                key = self.eval(k, scope)
+                try:
+                    result[key] = self.eval(v, scope)
+                except TypeError:
+                    self.fail(f"unhashable dict key {key!r}", k)
+            return self.new(result, node)
+        if isinstance(node, ast.BinOp):
+            return self.binop(node.op, self.eval(node.left, scope), self.eval(node.right, scope),
+                              node)
+        if isinstance(node, ast.UnaryOp):
+            operand = self.eval(node.operand, scope)
+            if isinstance(node.op, ast.Not):
+                return not self.truth(operand)
+            if isinstance(node.op, ast.USub | ast.UAdd) and isinstance(operand, int | float):
+                return -operand if isinstance(node.op, ast.USub) else +operand
+            self.fail(f"bad operand for unary operator: {type(operand).__name__}", node)
+        if isinstance(node, ast.BoolOp):
+            value: object = None
+            for sub in node.values:
+                value = self.eval(sub, scope)
+                if isinstance(node.op, ast.And) != self.truth(value):
+                    return value
+            return value
+        if isinstance(node, ast.Compare):
+            return self.compare(node, scope)
+        if isinstance(node, ast.IfExp):
+            test = self.truth(self.eval(node.test, scope))
+            return self.eval(node.body if test else node.orelse, scope)
+        if isinstance(node, ast.Subscript):
+            return self.subscript(node, scope)
+        if isinstance(node, ast.Call):
+            return self.call(node, scope)
+        if isinstance(node, ast.Attribute):
+            return self.attribute(node, scope)
+        if isinstance(node, ast.JoinedStr):
+            return self.fstring(node, scope)
+        if isinstance(node, ast.ListComp):
+            return self.listcomp(node, scope)
+        what = _EXPRESSION_NAMES.get(type(node), f"'{type(node).__name__}' expressions")
+        self.reject(f"{what} are not allowed in config files", node)
+
+    def binop(self, op: ast.operator, a: object, b: object, node: ast.AST) -> object:
+        fn = _BINOPS.get(type(op))
+        if fn is None:
+            self.reject(f"operator {type(op).__name__} is not allowed", node)
+        self.precheck(op, a, b, node)
+        try:
+            result = fn(a, b)
+        except _PY_ERRORS as exc:
+            self.fail(str(exc) or type(exc).__name__, node)
+        if isinstance(result, complex):
+            self.fail("complex numbers are not supported", node)
+        return self.new(result, node)
+
+    def precheck(self, op: ast.operator, a: object, b: object, node: ast.AST) -> None:
+        """Refuse operations whose result would exceed the limits before computing them."""
+        limits = self.limits
+        too_big = f"value too large (over {limits.max_size} characters/elements)"
+        too_many_bits = f"number too large (over {limits.max_int_bits} bits)"
+        if isinstance(op, ast.Mult):
+            for seq, n in ((a, b), (b, a)):
+                if (isinstance(seq, str | list | tuple) and isinstance(n, int)
+                        and self.size(seq) * n > limits.max_size):
+                    self.reject(too_big, node)
+            if (isinstance(a, int) and isinstance(b, int)
+                    and a.bit_length() + b.bit_length() > limits.max_int_bits + 1):
+                self.reject(too_many_bits, node)
+        elif isinstance(op, ast.Pow):
+            if (isinstance(a, int) and isinstance(b, int) and b > 0 and abs(a) > 1
+                    and (b > limits.max_int_bits
+                         or (abs(a).bit_length() - 1) * b > limits.max_int_bits)):
+                self.reject(too_many_bits, node)
+        elif isinstance(op, ast.Mod) and isinstance(a, str):
+            self.check_percent(a, node)
+
+    def check_percent(self, fmt: str, node: ast.AST) -> None:
+        for match in _PERCENT_SPEC.finditer(fmt):
+            for part in (match.group(1), match.group(2)):
+                if part == "*":
+                    self.reject("'*' widths are not allowed in format strings", node)
+                if part and int(part) > self.limits.max_width:
+                    self.reject(f"format width too large (over {self.limits.max_width})", node)
+
+    def compare(self, node: ast.Compare, scope: list[dict[str, object]]) -> object:
+        left = self.eval(node.left, scope)
+        for op, comparator in zip(node.ops, node.comparators, strict=True):
+            right = self.eval(comparator, scope)
+            try:
+                ok = _CMPOPS[type(op)](left, right)
+            except _PY_ERRORS as exc:
+                self.fail(str(exc), node)
+            if not ok:
+                return False
+            left = right
+        return True
+
+    def subscript(self, node: ast.Subscript, scope: list[dict[str, object]]) -> object:
+        value = self.eval(node.value, scope)
+        index: object
+        if isinstance(node.slice, ast.Slice):
+            parts = [None if p is None else self.eval(p, scope)
+                     for p in (node.slice.lower, node.slice.upper, node.slice.step)]
+            for p in parts:
+                if p is not None and not isinstance(p, int):
+                    self.fail("slice indices must be integers", node)
+            index = slice(*parts)
+        else:
+            index = self.eval(node.slice, scope)
+        if value is _ENV:
+            if not isinstance(index, str):
+                self.fail("xm_vars.env keys are names", node)
+            return self.lookup(index, [self.globals], node)
+        if not isinstance(value, str | list | tuple | dict):
+            self.fail(f"{type(value).__name__} cannot be subscripted", node)
+        try:
+            result: object = value[index]  # type: ignore[index,call-overload]
+        except _PY_ERRORS as exc:
+            self.fail(f"{type(exc).__name__}: {exc}", node)
+        return self.new(result, node)
+
+    def attribute(self, node: ast.Attribute, scope: list[dict[str, object]]) -> object:
+        dotted = ast.unparse(node)
+        if isinstance(node.value, ast.Name) and node.value.id == "xm_vars":
+            base = self.lookup("xm_vars", scope, node.value)
+            if base is XM_VARS and node.attr in ("var", "check"):
+                return _Method(node.attr)
+            if base is XM_VARS and node.attr == "env":
+                return _ENV
+        if (isinstance(node.value, ast.Attribute) and node.attr == "get"
+                and self.attribute(node.value, scope) is _ENV):
+            return _Method("env.get")
+        self.reject(f"attribute access '{dotted}' is not allowed in config files", node)
+
+    def fstring(self, node: ast.JoinedStr, scope: list[dict[str, object]]) -> object:
+        parts: list[str] = []
+        for value in node.values:
+            if isinstance(value, ast.Constant) and isinstance(value.value, str):
+                parts.append(value.value)
+                continue
+            if not isinstance(value, ast.FormattedValue):  # pragma: no cover - grammar
+                self.reject("unsupported f-string part", node)
+            item = self.eval(value.value, scope)
+            spec = ""
+            if value.format_spec is not None:
+                spec_value = self.eval(value.format_spec, scope)
+                spec = spec_value if isinstance(spec_value, str) else str(spec_value)
+                for digits in _DIGITS.findall(spec):
+                    if int(digits) > self.limits.max_width:
+                        self.reject(f"format width too large (over {self.limits.max_width})",
+                                    node)
+            if value.conversion == ord("r"):
+                item = repr(item)
+            elif value.conversion == ord("a"):
+                item = ascii(item)
+            elif value.conversion == ord("s"):
+                item = str(item)
+            try:
+                parts.append(format(item, spec))
+            except _PY_ERRORS as exc:
+                self.fail(str(exc), node)
+        return self.new("".join(parts), node)
+
+    def listcomp(self, node: ast.ListComp, scope: list[dict[str, object]]) -> object:
+        out: list[object] = []
+        total = 1
+
+        def walk(index: int, frames: list[dict[str, object]]) -> Iterator[list[dict[str, object]]]:
+            if index == len(node.generators):
+                yield frames
+                return
+            gen = node.generators[index]
+            if gen.is_async:
+                self.reject("async comprehensions are not allowed", node)
+            iterable = self.eval(gen.iter, frames)
+            if isinstance(iterable, dict):
+                iterable = list(iterable)
+            if not isinstance(iterable, list | tuple | str):
+                self.fail(f"{type(iterable).__name__} is not iterable", gen.iter)
+            for item in iterable:
+                self.tick(gen.iter)
+                local: dict[str, object] = {}
+                inner = [local, *frames]
+                self.bind_target(gen.target, item, local, node)
+                if all(self.truth(self.eval(cond, inner)) for cond in gen.ifs):
+                    yield from walk(index + 1, inner)
+
+        for frames in walk(0, scope):
+            item = self.eval(node.elt, frames)
+            total += self.size(item)
+            if total > self.limits.max_size:
+                self.reject(f"value too large (over {self.limits.max_size} characters/elements)",
+                            node)
+            out.append(item)
+        return self.new(out, node)
+
+    def bind_target(self, target: ast.expr, value: object, frame: dict[str, object],
+                    node: ast.AST) -> None:
+        if isinstance(target, ast.Name):
+            if _is_dunder(target.id):
+                self.reject(f"name {target.id!r} is not allowed", target)
+            frame[target.id] = value
+        elif isinstance(target, ast.Tuple | ast.List):
+            if not isinstance(value, list | tuple | str) or len(value) != len(target.elts):
+                self.fail(f"cannot unpack {value!r}", node)
+            for sub, item in zip(target.elts, value, strict=True):
+                self.bind_target(sub, item, frame, node)
+        else:
+            self.reject("only plain names can be assigned", target)
+
+    # ----- calls ----------------------------------------------------------------------
+
+    def call(self, node: ast.Call, scope: list[dict[str, object]]) -> object:
+        func = node.func
+        if isinstance(func, ast.Name):
+            if _is_dunder(func.id):
+                self.reject(f"name {func.id!r} is not allowed", func)
+            if not any(func.id in frame for frame in scope) and func.id not in BUILTINS:
+                self.reject(f"call to '{func.id}' is not allowed in config files", node)
+            target = self.lookup(func.id, scope, func)
+        elif isinstance(func, ast.Attribute):
+            target = self.attribute(func, scope)
+        else:
+            self.reject("only calls of named functions are allowed", node)
+        args: list[object] = []
+        for arg in node.args:
+            if isinstance(arg, ast.Starred):
+                self.reject("'*' arguments are not allowed", arg)
+            args.append(self.eval(arg, scope))
+        kwargs: dict[str, object] = {}
+        for kw in node.keywords:
+            if kw.arg is None:
+                self.reject("'**' arguments are not allowed", kw.value)
+            kwargs[kw.arg] = self.eval(kw.value, scope)
+        return self.invoke(target, args, kwargs, node)
+
+    def invoke(self, target: object, args: list[object], kwargs: dict[str, object],
+               node: ast.AST) -> object:
+        if isinstance(target, Function):
+            return self.call_function(target, args, kwargs, node)
+        if isinstance(target, _Builtin):
+            if target.name == "range":
+                self.check_range(args, node)
+            try:
+                result = target.fn(*args, **kwargs)
+            except _PY_ERRORS as exc:
+                self.fail(f"{target.name}(): {exc}", node)
+            return self.new(result, node)
+        if isinstance(target, _Method):
+            return self.xm_vars_call(target.name, args, kwargs, node)
+        self.fail(f"{type(target).__name__} object is not callable", node)
+
+    def check_range(self, args: list[object], node: ast.AST) -> None:
+        if not args or len(args) > 3 or not all(type(a) is int for a in args):
+            self.fail("range() takes 1 to 3 integers", node)
+        ints = [a for a in args if isinstance(a, int)]
+        try:
+            length = len(range(*ints))
+        except (ValueError, OverflowError) as exc:
+            self.fail(f"range(): {exc}", node)
+        if length > self.limits.max_size:
+            self.reject(f"range too large (over {self.limits.max_size} elements)", node)
+
+    def call_function(self, fn: Function, args: list[object], kwargs: dict[str, object],
+                      node: ast.AST) -> object:
+        if self.depth >= self.limits.max_depth:
+            self.reject(f"function calls nested too deeply (over {self.limits.max_depth})", node)
+        if len(args) > len(fn.params):
+            self.fail(f"{fn.name}() takes {len(fn.params)} arguments, {len(args)} given", node)
+        local: dict[str, object] = dict(zip(fn.params, args, strict=False))
+        first_default = len(fn.params) - len(fn.defaults)
+        for i, param in enumerate(fn.params):
+            if param in kwargs:
+                if param in local:
+                    self.fail(f"{fn.name}() got two values for {param!r}", node)
+                local[param] = kwargs.pop(param)
+            elif param not in local and i >= first_default:
+                local[param] = fn.defaults[i - first_default]
+            elif param not in local:
+                self.fail(f"{fn.name}() is missing argument {param!r}", node)
+        if kwargs:
+            self.fail(f"{fn.name}() got an unexpected argument {next(iter(kwargs))!r}", node)
+        self.depth += 1
+        try:
+            self.exec_block(list(fn.body), [local, self.globals], in_function=True)
+        except _Return as ret:
+            return ret.value
+        finally:
+            self.depth -= 1
+        return None
+
+    def xm_vars_call(self, name: str, args: list[object], kwargs: dict[str, object],
+                     node: ast.AST) -> object:
+        if name == "var":
+            self.declare(args, kwargs, node)
+            return None
+        if name == "check":
+            if args or kwargs:
+                self.fail("xm_vars.check() takes no arguments", node)
+            self.run_checks(node)
+            return None
+        # env.get
+        if kwargs or not 1 <= len(args) <= 2 or not isinstance(args[0], str):
+            self.fail("xm_vars.env.get(name[, default]) expects a name", node)
+        return self.globals.get(args[0], args[1] if len(args) == 2 else None)
+
+    def declare(self, args: list[object], kwargs: dict[str, object], node: ast.AST) -> None:
+        names = ("name", "use", "check")
+        if len(args) > 3 or set(kwargs) - set(names):
+            self.fail("xm_vars.var(name, use=..., check=...) has three parameters", node)
+        params: dict[str, object] = dict(zip(names, args, strict=False))
+        for key, value in kwargs.items():
+            if key in params:
+                self.fail(f"xm_vars.var() got two values for {key!r}", node)
+            params[key] = value
+        var, use, check = params.get("name"), params.get("use"), params.get("check")
+        if not isinstance(var, str) or not var.isidentifier() or _is_dunder(var):
+            self.fail(f"xm_vars.var(): invalid variable name {var!r}", node)
+        if use is not None and not isinstance(use, str):
+            self.fail("xm_vars.var(): 'use' must be a string", node)
+        if check is not None and not isinstance(check, Function):
+            self.fail("xm_vars.var(): 'check' must be a function", node)
+        self.declared[var] = Declared(var, use, check, getattr(node, "lineno", 0))
+
+    def run_checks(self, node: ast.AST) -> None:
+        """Xen's `Vars.check()`: replace each declared variable by `check(name, value)`."""
+        for decl in self.declared.values():
+            if decl.check is None:
+                continue
+            given = self.globals.get(decl.name)
+            try:
+                result = self.invoke(decl.check, [decl.name, given], {}, node)
+            except _Failure as exc:
+                if given is None:
+                    use = f" ({decl.use})" if decl.use else ""
+                    self.reject(
+                        f"variable {decl.name!r} is not set: give it as {decl.name}=VALUE{use}",
+                        node,
+                    )
+                why = f": {exc.message}" if exc.message else ""
+                self.reject(f"invalid value for variable {decl.name}: {given!r}{why}", node)
+            self.globals[decl.name] = result
+
+
+def evaluate(
+    source: str | ast.Module,
+    filename: str = "<config>",
+    variables: Mapping[str, str] | None = None,
+    *,
+    limits: Limits | None = None,
+) -> EvalResult:
+    """Evaluate config text (or an already parsed tree) and return the names it defines.
+
+    `variables` are the command-line `NAME=VALUE` strings, visible to the file as names.
+    Raises `ConfigError` (with file and line) for anything not allowed or failing.
+    """
+    limits = limits or Limits()
+    tree = source if isinstance(source, ast.Module) else parse_source(source, filename, limits)
+    variables = dict(variables or {})
+    for name, value in variables.items():
+        if (
+            not isinstance(name, str)
+            or not name.isidentifier()
+            or keyword.iskeyword(name)
+            or name.startswith("_")
+            or name in PREDEFINED
+        ):
+            raise ConfigError(f"invalid variable name {name!r}", file=filename)
+        if not isinstance(value, str):
+            raise ConfigError(f"variable {name}: value must be a string", file=filename)
+    ev = _Evaluator(filename, variables, limits)
+    ev.run(tree)
+    return EvalResult(values=ev.globals, lines=ev.lines, used=_used_names(tree),
+                      declared=ev.declared)

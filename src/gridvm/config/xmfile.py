@@ -1,0 +1,848 @@
+"""Read Xen xm and xl domain config files into a `DomainConfig`.
+
+Both formats are read with the safe evaluator (`gridvm.config.safeeval`): xl files are plain
+`KEY = VALUE` settings, a subset of what xm files (Python in Xen) may contain.
+
+Format detection (`fmt="auto"`), first rule that applies:
+
+1. the file contains anything beyond `KEY = literal` / `KEY += literal` settings (`def`,
+   `if`, `xm_vars`, names, `%` or other operators, calls) -> **xm**;
+2. the file name ends in `.xl`, or it sets `type` or `cmdline`, or a `disk` entry uses xl
+   syntax (a `key=value` item, or a target without an xm `phy:`/`file:`/`tap:` prefix) -> **xl**;
+3. otherwise -> **xm**.
+
+`fmt="xl"` refuses files with code. The format only decides the default actions
+(xm: destroy/restart/restart; xl: destroy/restart/destroy) and `source_format`; every key
+spelling of either tool (`cpu_weight`/`weight`, `builder`/`type`, both disk syntaxes) is
+accepted in both.
+
+Paths: as in xm/xl, relative `kernel`, `ramdisk` and disk targets are relative to the
+current directory of the reading process (not the config's directory); they are made
+absolute here because the daemon runs elsewhere. `phy:NAME` without a slash means `/dev/NAME`.
+
+Variables (`gridvm create web.cfg vmid=3`) are names visible to the file (strings as given;
+`xm_vars.check()` converts them); they never become keys themselves.
+
+Keys read: name uuid memory maxmem vcpus cpus builder type kernel ramdisk root extra cmdline
+disk vif ip netmask gateway hostname dhcp on_poweroff on_reboot on_crash restart (xm's
+deprecated onreboot/always/never) cpu_weight cpu_cap weight cap serial boot ha ha_priority
+ha_group hosts. `IGNORED_KEYS` are accepted silently
+(display, firmware and platform switches QEMU decides for itself); `UNSUPPORTED_KEYS` are
+ignored with a warning saying why. Any other key a file assigns and never reads gets the
+warning "file:line: unknown key 'x' ignored"; names the file reads (helper variables) do not.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, NoReturn, TypeVar, get_args
+
+from pydantic import BaseModel, ValidationError
+
+from gridvm.config.model import (
+    Action,
+    Actions,
+    DiskSpec,
+    DomainConfig,
+    HaParams,
+    HaPolicy,
+    NetParams,
+    Sched,
+    VifSpec,
+)
+from gridvm.config.safeeval import Function, evaluate, first_code_statement, parse_source
+from gridvm.errors import ConfigError
+
+__all__ = [
+    "IGNORED_KEYS",
+    "KNOWN_KEYS",
+    "UNSUPPORTED_KEYS",
+    "Format",
+    "LoadResult",
+    "load_config",
+    "parse_config",
+    "parse_disk",
+    "parse_vif",
+]
+
+Format = Literal["auto", "xm", "xl"]
+M = TypeVar("M", bound=BaseModel)
+
+
+@dataclass
+class LoadResult:
+    """A parsed config and the warnings (`file:line: ...`) to show the user."""
+
+    config: DomainConfig
+    warnings: list[str] = field(default_factory=list)
+
+
+IGNORED_KEYS = frozenset({
+    # display and input
+    "vfb", "vnc", "vncviewer", "vncconsole", "vnclisten", "vncdisplay", "vncunused",
+    "vncpasswd", "sdl", "opengl", "display", "xauthority", "keymap", "nographic", "monitor",
+    "stdvga", "vga", "videoram", "vkb", "usb", "usbdevice", "soundhw", "spice", "spicehost",
+    "spiceport", "spicetls_port", "spicedisable_ticketing", "spicepasswd", "spiceagent_mouse",
+    "spicevdagent", "spice_clipboard_sharing", "spiceusbredirection",
+    # firmware, device model and platform switches
+    "acpi", "acpi_s3", "acpi_s4", "apic", "pae", "hap", "hpet", "viridian", "timer_mode",
+    "vpt_align", "localtime", "rtc_timeoffset", "tsc_mode", "nx", "device_model",
+    "device_model_version", "device_model_override", "device_model_stubdomain_override",
+    "firmware", "bios", "firmware_override", "shadow_memory", "xen_platform_pci",
+    "xen_extended_power_mgmt", "pci_msitranslate", "pci_power_mgmt", "e820_host",
+    "superpages", "s3_integrity", "vhpt", "guest_os_type", "max_grant_frames",
+    "max_maptrack_frames", "max_event_channels", "claim_mode", "driver_domain",
+    # xend-era bookkeeping
+    "vif_other_config", "on_xend_start", "on_xend_stop", "description", "console", "nics",
+    "blkif", "netif", "tpmif", "features",
+})
+
+_NO_BOOTLOADER = "bootloader is not supported: PV domains boot the kernel given by 'kernel'"
+_NO_PASSTHROUGH = "device passthrough is not supported"
+_NO_DEVICE = "this device type is not supported"
+_NO_HOTPLUG = "vcpu hotplug is not supported: the domain gets 'vcpus' CPUs"
+UNSUPPORTED_KEYS: Mapping[str, str] = {
+    "bootloader": _NO_BOOTLOADER,
+    "bootloader_args": _NO_BOOTLOADER,
+    "bootargs": _NO_BOOTLOADER,
+    **dict.fromkeys(
+        ("pci", "ioports", "iomem", "irqs", "dtdev", "gfx_passthru", "usbctrl", "usbdev",
+         "vscsi", "rdm"), _NO_PASSTHROUGH),
+    **dict.fromkeys(("vtpm", "channel", "p9", "pvcalls", "vdispl", "vsnd"), _NO_DEVICE),
+    "maxvcpus": _NO_HOTPLUG,
+    "vcpu_avail": _NO_HOTPLUG,
+    "cpu": "use 'cpus' to pin a domain's CPUs",
+    "snapshot": "snapshot mode is not supported",
+    "cpus_soft": "soft CPU affinity is not supported; use 'cpus'",
+    "cpupool": "CPU pools are not supported",
+    "pool": "CPU pools are not supported",
+    "vnuma": "NUMA layout is not supported",
+    "on_watchdog": "this action is not supported",
+    "on_soft_reset": "this action is not supported",
+    "nfs_server": "NFS root is not built from nfs_server/nfs_root: put "
+                  "'root=/dev/nfs nfsroot=SERVER:/PATH' in extra",
+    "nfs_root": "NFS root is not built from nfs_server/nfs_root: put "
+                "'root=/dev/nfs nfsroot=SERVER:/PATH' in extra",
+    "cpuid": "CPU feature tuning is not supported",
+    "nestedhvm": "CPU feature tuning is not supported",
+    "altp2m": "CPU feature tuning is not supported",
+    "device_model_args": "extra QEMU arguments are not passed on",
+    "device_model_args_pv": "extra QEMU arguments are not passed on",
+    "device_model_args_hvm": "extra QEMU arguments are not passed on",
+    "seclabel": "security labels are not supported",
+    "init_seclabel": "security labels are not supported",
+    "access_control": "security labels are not supported",
+}
+
+_ACTIONS: frozenset[str] = frozenset(get_args(Action))
+_HA_POLICIES: frozenset[str] = frozenset(get_args(HaPolicy))
+_DEFAULT_ACTIONS: Mapping[str, tuple[str, str, str]] = {
+    "xm": ("destroy", "restart", "restart"),
+    "xl": ("destroy", "restart", "destroy"),
+}
+
+
+# ----- small value parsers (raise ValueError with the reason) ----------------------------
+
+
+def _as_int(value: object) -> int:
+    if isinstance(value, bool):
+        raise ValueError("expected a whole number, not a boolean")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d{1,18}\s*", value):
+        return int(value)
+    raise ValueError("expected a whole number")
+
+
+def _as_str(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, not {type(value).__name__}")
+    return value
+
+
+def _str_list(value: object) -> list[str]:
+    """A list of strings; a single string counts as a one-item list."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+        return [str(v) for v in value]
+    raise ValueError("expected a list of strings")
+
+
+def _abspath(path: str) -> str:
+    return os.path.abspath(path)
+
+
+_CPU_TOKEN = re.compile(r"\^?\d{1,4}(?:-\d{1,4})?")
+
+
+def normalize_cpus(value: object) -> str | None:
+    """A Xen cpu list (string, int, or list of them) as one compact cpu-list string.
+
+    Items apply left to right (`^N` removes); `all` (alone: no pinning -> None) is kept
+    symbolic because the host's CPU count is not known here.
+    """
+    items: list[str]
+    if isinstance(value, bool):
+        raise ValueError("expected a cpu list such as '0-3,^1'")
+    if isinstance(value, int):
+        items = [str(value)]
+    elif isinstance(value, str):
+        items = [value]
+    elif isinstance(value, list | tuple) and all(
+        isinstance(v, int | str) and not isinstance(v, bool) for v in value
+    ):
+        items = [str(v) for v in value]
+    else:
+        raise ValueError("expected a cpu list such as '0-3,^1'")
+    tokens = [t.strip() for item in items for t in item.split(",") if t.strip()]
+    if not tokens or tokens == ["all"]:
+        return None
+    cpus: set[int] = set()
+    for token in tokens:
+        if token == "all":
+            return ",".join(tokens)
+        if token.startswith("nodes:"):
+            raise NotImplementedError("NUMA node affinity ('nodes:') is not supported")
+        if not _CPU_TOKEN.fullmatch(token):
+            raise ValueError(f"bad item {token!r} (expected N, N-M, ^N or ^N-M)")
+        first, _, last = token.lstrip("^").partition("-")
+        lo, hi = int(first), int(last or first)
+        if hi < lo:
+            raise ValueError(f"bad range {token!r}")
+        if token.startswith("^"):
+            cpus.difference_update(range(lo, hi + 1))
+        else:
+            cpus.update(range(lo, hi + 1))
+    if not cpus:
+        raise ValueError("it selects no CPU")
+    return _compact(sorted(cpus))
+
+
+def _compact(cpus: list[int]) -> str:
+    parts: list[str] = []
+    start = prev = cpus[0]
+    for cpu in [*cpus[1:], -2]:
+        if cpu != prev + 1:
+            parts.append(str(start) if start == prev else f"{start}-{prev}")
+            start = cpu
+        prev = cpu
+    return ",".join(parts)
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?B)?(?:/s)?")
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_bytes(text: str) -> int:
+    """`10M`, `512K`, `1.5GiB/s`, `1048576` -> bytes (binary multiples)."""
+    match = _SIZE.fullmatch(text.strip())
+    if not match:
+        raise ValueError(f"bad size {text!r} (expected e.g. 10M, 512K or a number of bytes)")
+    number = float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+    if number < 1 or number >= 1 << 62:
+        raise ValueError(f"size {text!r} out of range")
+    return int(number)
+
+
+# ----- disks -------------------------------------------------------------------------------
+
+_VDEV = re.compile(r"(?:xvd|hd|sd|vd)[a-z]{1,3}\d{0,3}")
+_FORMATS = {"raw": "raw", "qcow2": "qcow2", "aio": "raw", "sync": "raw"}
+_UNSUPPORTED_FORMATS = {"qcow", "vhd", "qed", "ram", "vmdk"}
+_TRANSPORTS = {"file", "tap", "tap2", "tapdisk", "phy"}
+_DISK_FLAGS = {"cdrom", "discard", "no-discard", "direct-io-safe", "colo"}
+_DISK_IGNORED = {"backendtype", "backend", "script", "discard", "no-discard",
+                 "direct-io-safe", "specification", "trusted", "untrusted"}
+_THROTTLES = ("iops", "iops_rd", "iops_wr", "bps", "bps_rd", "bps_wr")
+_ACCESS = {"r": "r", "ro": "r", "w": "w", "rw": "w", "w!": "w"}
+
+
+def _split_disk(spec: str) -> list[str]:
+    """Comma-separated items; `target=` takes the rest of the string (it may hold commas)."""
+    items: list[str] = []
+    rest = spec
+    while True:
+        head, sep, tail = rest.partition(",")
+        if head.strip().startswith("target="):
+            items.append(rest.strip())
+            return items
+        items.append(head.strip())
+        if not sep:
+            return items
+        rest = tail
+
+
+def _strip_prefixes(target: str) -> tuple[str, str | None, bool]:
+    """Remove xm/xl type prefixes (`phy:`, `file:`, `tap:aio:`, `qcow2:` ...).
+
+    Returns (path, format or None, is_phy).
+    """
+    fmt: str | None = None
+    phy = False
+    while True:
+        word, sep, rest = target.partition(":")
+        word = word.lower()
+        if not sep or "/" in word:
+            return target, fmt, phy
+        if word in _TRANSPORTS:
+            phy = phy or word == "phy"
+        elif word in _FORMATS:
+            fmt = _FORMATS[word]
+        elif word in _UNSUPPORTED_FORMATS:
+            raise ValueError(f"disk format {word!r} is not supported (use raw or qcow2)")
+        elif re.fullmatch(r"[a-z][a-z0-9_-]*", word):
+            raise ValueError(f"disk type {word + ':'!r} is not supported "
+                             "(use phy:, file:, tap:aio: or tap:qcow2:)")
+        else:
+            return target, fmt, phy
+        target = rest
+
+
+def parse_disk(spec: str, warnings: list[str] | None = None) -> DiskSpec | None:
+    """One disk entry in xm (`file:/x.img,xvda,w`) or xl (`vdev=xvda, target=/x.img`) syntax.
+
+    Throttles (`iops=`, `iops_rd=`, `iops_wr=`, `bps=`, `bps_rd=`, `bps_wr=`; bps takes
+    sizes like `10M`) may follow in either syntax. Returns None for an empty CD-ROM drive
+    (no media). Raises ValueError with the reason; notes go to `warnings`.
+    """
+    notes = warnings if warnings is not None else []
+    keywords: dict[str, str] = {}
+    flags: set[str] = set()
+    positional: list[str] = []
+    for item in _split_disk(spec):
+        key, eq, value = item.partition("=")
+        key = key.strip().lower().replace("-", "_") if eq else key
+        if eq:
+            if key in keywords:
+                raise ValueError(f"{key!r} given twice")
+            keywords[key] = value.strip()
+        elif item.lower() in _DISK_FLAGS:
+            flags.add(item.lower())
+        else:
+            positional.append(item)
+    # Positional items: xl's `target, format, vdev, access` when the second item is a format
+    # name (or empty, of four); otherwise xm's `target, vdev, access[, backend domain]`.
+    names = ["target", "vdev", "access", "backend"]
+    if len(positional) >= 2 and (
+        positional[1].lower() in (*_FORMATS, *_UNSUPPORTED_FORMATS, "empty")
+        or (positional[1] == "" and len(positional) == 4)
+    ):
+        names = ["target", "format", "vdev", "access"]
+    if len(positional) > len(names):
+        raise ValueError(f"too many items ({len(positional)})")
+    for name, item in zip(names, positional, strict=False):
+        if not item:
+            continue
+        if name in keywords:
+            raise ValueError(f"{name!r} given twice")
+        keywords[name] = item
+    unknown = set(keywords) - {"target", "format", "vdev", "access", "devtype", *_THROTTLES,
+                               *_DISK_IGNORED}
+    if unknown:
+        raise ValueError(f"unknown disk setting {sorted(unknown)[0]!r}")
+    if "script" in keywords:
+        notes.append(f"block script {keywords['script']!r} ignored")
+
+    vdev = keywords.get("vdev", "")
+    devtype = "cdrom" if "cdrom" in flags else "disk"
+    vdev = vdev.removeprefix("ioemu:")
+    vdev, _, suffix = vdev.partition(":")
+    if suffix:
+        if suffix not in ("cdrom", "disk"):
+            raise ValueError(f"bad device type {suffix!r} (expected cdrom or disk)")
+        devtype = "cdrom" if suffix == "cdrom" else devtype
+    if "devtype" in keywords:
+        if keywords["devtype"] not in ("cdrom", "disk"):
+            raise ValueError(f"bad devtype {keywords['devtype']!r} (expected cdrom or disk)")
+        devtype = keywords["devtype"]
+    if not vdev:
+        raise ValueError("no virtual device (vdev) given, e.g. xvda or hda")
+    if not _VDEV.fullmatch(vdev):
+        raise ValueError(f"bad virtual device {vdev!r} (expected e.g. xvda, hda, sdb)")
+
+    target, prefix_fmt, phy = _strip_prefixes(keywords.get("target", "").strip())
+    fmt = keywords.get("format", "").lower() or prefix_fmt or "raw"
+    fmt = _FORMATS.get(fmt, fmt)
+    if fmt in _UNSUPPORTED_FORMATS:
+        raise ValueError(f"disk format {fmt!r} is not supported (use raw or qcow2)")
+    if fmt == "empty" or not target:
+        if devtype == "cdrom":
+            notes.append(f"empty CD-ROM drive {vdev} left out (no media)")
+            return None
+        raise ValueError("no target (image file or device) given")
+    if fmt not in ("raw", "qcow2"):
+        raise ValueError(f"unknown disk format {fmt!r} (use raw or qcow2)")
+    if phy and not target.startswith("/"):
+        target = "/dev/" + target
+    target = _abspath(target)
+
+    access = keywords.get("access", "r" if devtype == "cdrom" else "w").lower()
+    if access not in _ACCESS:
+        raise ValueError(f"bad access mode {access!r} (expected r, ro, w or rw)")
+    mode = "r" if devtype == "cdrom" else _ACCESS[access]
+    if keywords.get("backend"):
+        notes.append(f"disk {vdev}: backend domain {keywords['backend']!r} ignored")
+    if fmt == "raw" and target.endswith(".qcow2"):
+        notes.append(f"disk {vdev}: {target} looks like qcow2 but is read as raw "
+                     "(use tap:qcow2: or format=qcow2)")
+
+    throttles: dict[str, int] = {}
+    for key in _THROTTLES:
+        if key in keywords:
+            raw = keywords[key]
+            if key.startswith("bps"):
+                throttles[key] = parse_bytes(raw)
+            elif raw.isdigit() and int(raw) > 0:
+                throttles[key] = int(raw)
+            else:
+                raise ValueError(f"bad {key} {raw!r} (expected a positive whole number)")
+    return DiskSpec.model_validate({"target": target, "vdev": vdev, "mode": mode,
+                                    "format": fmt, "devtype": devtype, **throttles})
+
+
+def is_xl_disk(spec: str) -> bool:
+    """Whether a disk entry is in xl syntax (xm needs `TYPE:target,vdev,mode`)."""
+    items = spec.split(",")
+    if any("=" in item for item in items):
+        return True
+    first = items[0].strip()
+    return bool(first) and ":" not in first
+
+
+# ----- vifs --------------------------------------------------------------------------------
+
+_IFNAME = re.compile(r"[A-Za-z0-9_.:-]{1,15}")
+_RATE = re.compile(r"\d+(?:\.\d+)?[GMK]?[bB](?:/s)?(?:@\d+(?:\.\d+)?[mu]?s)?")
+_MODEL = re.compile(r"[A-Za-z0-9_-]{1,32}")
+_VIF_IGNORED = {"type", "script", "backend", "accel", "devid", "gatewaydev", "forwarddev",
+                "uuid", "trusted", "untrusted"}
+
+
+def parse_vif(spec: str, warnings: list[str] | None = None) -> VifSpec:
+    """One vif entry: `mac=..., bridge=..., ip=..., model=..., rate=..., vifname=...`.
+
+    `type=`, `script=` and other backend details are ignored silently; `''` is a default vif.
+    """
+    notes = warnings if warnings is not None else []
+    values: dict[str, str] = {}
+    for item in spec.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, eq, value = item.partition("=")
+        key, value = key.strip().lower(), value.strip()
+        if not eq:
+            raise ValueError(f"expected key=value, got {item!r}")
+        if key in values:
+            raise ValueError(f"{key!r} given twice")
+        if key in _VIF_IGNORED:
+            continue
+        if key not in VifSpec.model_fields:
+            notes.append(f"unknown vif setting {key!r} ignored")
+            continue
+        values[key] = value
+    if "mac" in values:
+        mac = values["mac"].lower()
+        if re.fullmatch(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}", mac) and int(mac[:2], 16) & 1:
+            raise ValueError(f"MAC address {mac} is a multicast address")
+    for key in ("bridge", "vifname"):
+        if key in values and not _IFNAME.fullmatch(values[key]):
+            raise ValueError(f"bad {key} {values[key]!r} (an interface name, up to 15 chars)")
+    if "ip" in values:
+        for addr in values["ip"].split():
+            try:
+                ipaddress.ip_interface(addr)
+            except ValueError:
+                raise ValueError(f"bad ip {addr!r}") from None
+    if "rate" in values and not _RATE.fullmatch(values["rate"]):
+        raise ValueError(f"bad rate {values['rate']!r} (expected e.g. 10Mb/s or 1MB/s@20ms)")
+    if "model" in values and not _MODEL.fullmatch(values["model"]):
+        raise ValueError(f"bad model {values['model']!r}")
+    try:
+        return VifSpec.model_validate(values)
+    except ValidationError as exc:
+        raise ValueError(_pydantic_reason(exc)) from None
+
+
+def _pydantic_reason(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    return str(err["msg"]).removeprefix("Value error, ")
+
+
+# ----- the reader ----------------------------------------------------------------------------
+
+
+class _Reader:
+    """Turns the names a config file defined into DomainConfig fields."""
+
+    def __init__(self, filename: str, fmt: str, values: Mapping[str, object],
+                 lines: Mapping[str, int]) -> None:
+        self.filename = filename
+        self.fmt = fmt
+        self.values = values
+        self.lines = lines
+        self.fields: dict[str, object] = {}
+        self.field_key: dict[str, str] = {}
+        self.actions = dict(zip(("on_poweroff", "on_reboot", "on_crash"),
+                                _DEFAULT_ACTIONS[fmt], strict=True))
+        self.sched: dict[str, int] = {}
+        self.net: dict[str, str] = {}
+        self.ha: dict[str, object] = {}
+        self.warnings: list[str] = []
+
+    def where(self, key: str) -> str:
+        line = self.lines.get(key)
+        return f"{self.filename}:{line}" if line is not None else self.filename
+
+    def warn(self, key: str, message: str) -> None:
+        self.warnings.append(f"{self.where(key)}: {message}")
+
+    def fail(self, key: str, message: str) -> NoReturn:
+        raise ConfigError(message, file=self.filename, line=self.lines.get(key))
+
+    def bad(self, key: str, value: object, reason: str) -> NoReturn:
+        shown = repr(value)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        self.fail(key, f"invalid {key} = {shown}: {reason}")
+
+    def set(self, key: str, name: str, value: object) -> None:
+        self.fields[name] = value
+        self.field_key[name] = key
+
+    def sub(self, key: str, model: type[M], **kw: object) -> M:
+        try:
+            return model.model_validate(kw)
+        except ValidationError as exc:
+            self.bad(key, self.values[key], _pydantic_reason(exc))
+
+    # --- per-key handlers; each gets the key and its (non-None) value ---
+
+    def k_str(self, key: str, value: object) -> None:
+        try:
+            text = _as_str(value)
+        except ValueError as exc:
+            self.bad(key, value, str(exc))
+        if key == "name" and not text:
+            self.bad(key, value, "must not be empty")
+        if text:
+            self.set(key, key, text)
+
+    def k_int(self, key: str, value: object) -> None:
+        try:
+            number = _as_int(value)
+        except ValueError as exc:
+            self.bad(key, value, str(exc))
+        if number < 1:
+            self.bad(key, value, "must be at least 1")
+        self.set(key, key, number)
+
+    def k_cpus(self, key: str, value: object) -> None:
+        try:
+            self.set(key, "cpus", normalize_cpus(value))
+        except NotImplementedError as exc:
+            self.warn(key, f"{exc}; cpus ignored")
+        except ValueError as exc:
+            self.bad(key, value, str(exc))
+
+    def k_builder(self, key: str, value: object) -> None:
+        if value == "hvm":
+            dtype = "hvm"
+        elif value in ("linux", "generic"):
+            dtype = "pv"
+        else:
+            self.bad(key, value, "expected 'linux' or 'hvm'")
+        if "type" not in self.values:  # xl's `type` wins over `builder`
+            self.set(key, "type", dtype)
+
+    def k_type(self, key: str, value: object) -> None:
+        if value not in ("pv", "pvh", "hvm"):
+            self.bad(key, value, "expected 'pv', 'pvh' or 'hvm'")
+        self.set(key, "type", value)
+
+    def k_path(self, key: str, value: object) -> None:
+        try:
+            text = _as_str(value)
+        except ValueError as exc:
+            self.bad(key, value, str(exc))
+        if text:
+            self.set(key, key, _abspath(text))
+
+    def k_disk(self, key: str, value: object) -> None:
+        try:
+            specs = _str_list(value)
+        except ValueError as exc:
+            self.bad(key, value, str(exc))
+        disks: list[DiskSpec] = []
+        for i, spec in enumerate(specs):
+            notes: list[str] = []
+            try:
+                disk = parse_disk(spec, notes)
+            except ValueError as exc:
+                self.fail(key, f"invalid disk[{i}] {spec!r}: {exc}")
+            except ValidationError as exc:
+                self.fail(key, f"invalid disk[{i}] {spec!r}: {_pydantic_reason(exc)}")
+            for note in notes:
+                self.warn(key, note)
+            if disk is None:
+                continue
+            if any(d.vdev == disk.vdev for d in disks):
+                self.fail(key, f"invalid disk[{i}] {spec!r}: device {disk.vdev} used twice")
+            disks.append(disk)
+        self.set(key, "disks", disks)
+
+    def k_vif(self, key: str, value: object) -> None:
+        try:
+            specs = _str_list(value)
+        except ValueError as exc:
+            self.bad(key, value, str(exc))
+        vifs: list[VifSpec] = []
+        for i, spec in enumerate(specs):
+            notes: list[str] = []
+            try:
+                vif = parse_vif(spec, notes)
+            except ValueError as exc:
+                self.fail(key, f"invalid vif[{i}] {spec!r}: {exc}")
+            for note in notes:
+                self.warn(key, note)
+            if vif.mac and any(v.mac == vif.mac for v in vifs):
+                self.fail(key, f"invalid vif[{i}] {spec!r}: MAC {vif.mac} used twice")
+            vifs.append(vif)
+        self.set(key, "vifs", vifs)
+
+    def k_net(self, key: str, value: object) -> None:
+        try:
+            text = _as_str(value).strip()
+            is_prefix = key == "netmask" and text.isdigit() and int(text) <= 128
+            if key in ("ip", "gateway", "netmask") and text and not is_prefix:
+                ipaddress.ip_address(text)
+            elif key == "hostname" and text and not re.fullmatch(
+                    r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}", text):
+                raise ValueError("expected a host name")
+            elif key == "dhcp" and text not in ("", "dhcp", "off"):
+                raise ValueError("expected 'dhcp' or 'off'")
+        except ValueError as exc:
+            self.bad(key, value, str(exc))
+        if text:
+            self.net[key] = text
+
+    def k_action(self, key: str, value: object) -> None:
+        if value not in _ACTIONS:
+            self.bad(key, value, "expected one of " + ", ".join(sorted(_ACTIONS)))
+        self.actions[key] = str(value)
+
+    def k_restart(self, key: str, value: object) -> None:
+        """xm's deprecated `restart`; explicit on_poweroff/on_reboot/on_crash win."""
+        presets = {"onreboot": ("destroy", "restart", "destroy"),
+                   "always": ("restart", "restart", "restart"),
+                   "never": ("destroy", "destroy", "destroy")}
+        if value not in presets:
+            self.bad(key, value, "expected 'onreboot', 'always' or 'never'")
+        for name, action in zip(("on_poweroff", "on_reboot", "on_crash"), presets[str(value)],
+                                strict=True):
+            if name not in self.lines:
+                self.actions[name] = action
+
+    def k_sched(self, key: str, value: object) -> None:
+        name = key.removeprefix("cpu_")
+        try:
+            number = _as_int(value)
+        except ValueError as exc:
+            self.bad(key, value, str(exc))
+        self.sub(key, Sched, **{name: number})
+        self.sched[name] = number
+
+    def k_serial(self, key: str, value: object) -> None:
+        if isinstance(value, list | tuple) and value and all(isinstance(v, str) for v in value):
+            if len(value) > 1:
+                self.warn(key, "only the first serial port is used")
+            value = value[0]
+        if not isinstance(value, str) or not value:
+            self.bad(key, value, "expected e.g. 'pty' or 'file:/path'")
+        self.set(key, "serial", value)
+
+    def k_boot(self, key: str, value: object) -> None:
+        if not isinstance(value, str) or not re.fullmatch(r"[acdn]{1,4}", value):
+            self.bad(key, value, "expected boot devices from 'acdn', e.g. 'c' or 'dc'")
+        self.set(key, "boot", value)
+
+    def k_ha(self, key: str, value: object) -> None:
+        if key == "ha":
+            if isinstance(value, bool | int) and value in (0, 1):
+                value = "restart" if value else "off"
+            if value not in _HA_POLICIES:
+                self.bad(key, value, "expected one of " + ", ".join(sorted(_HA_POLICIES)))
+        elif key == "ha_priority":
+            try:
+                value = _as_int(value)
+            except ValueError as exc:
+                self.bad(key, value, str(exc))
+        elif key == "ha_group":
+            if not isinstance(value, str):
+                self.bad(key, value, "expected a string")
+        elif isinstance(value, str):  # hosts
+            value = [h for h in re.split(r"[\s,]+", value) if h]
+        elif not isinstance(value, list | tuple) or not all(isinstance(h, str) for h in value):
+            self.bad(key, value, "expected a list of host names")
+        else:
+            value = list(value)
+        self.sub(key, HaParams, **{key: value})
+        self.ha[key] = value
+
+    # --- assembling the DomainConfig ---
+
+    def build(self, source_file: str | None) -> DomainConfig:
+        for key in sorted(self.lines, key=lambda k: self.lines[k]):
+            self.read_key(key)
+        dtype = self.fields.get("type", "pv")
+        kernel = self.fields.get("kernel")
+        if dtype == "hvm" and isinstance(kernel, str) and os.path.basename(kernel) == "hvmloader":
+            del self.fields["kernel"]  # xm's HVM firmware loader: SeaBIOS takes its place
+        if "name" not in self.fields:
+            raise ConfigError("missing required key 'name'", file=self.filename)
+        self.fields["actions"] = self.sub_all(Actions, self.actions)
+        self.fields["sched"] = self.sub_all(Sched, self.sched)
+        self.fields["net"] = self.sub_all(NetParams, self.net)
+        self.fields["ha"] = self.sub_all(HaParams, self.ha)
+        self.fields["source_file"] = source_file
+        self.fields["source_format"] = self.fmt
+        try:
+            return DomainConfig.model_validate(self.fields)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            name = str(err["loc"][0]) if err["loc"] else ""
+            key = self.field_key.get(name, name)
+            self.bad(key, self.fields.get(name), _pydantic_reason(exc))
+
+    def sub_all(self, model: type[M], values: Mapping[str, object]) -> M:
+        try:
+            return model.model_validate(values)
+        except ValidationError as exc:  # pragma: no cover - each field was checked alone
+            raise ConfigError(_pydantic_reason(exc), file=self.filename) from None
+
+    def read_key(self, key: str) -> None:
+        value = self.values.get(key)
+        handler = _HANDLERS.get(key)
+        if handler is not None:
+            if value is not None:
+                handler(self, key, value)
+        elif key in UNSUPPORTED_KEYS:
+            if value is not None and value != "" and value != []:
+                self.warn(key, f"{key} ignored: {UNSUPPORTED_KEYS[key]}")
+        elif key in IGNORED_KEYS:
+            pass
+        # unknown keys are reported by _unknown_key_warnings
+
+
+_HANDLERS: dict[str, Callable[[_Reader, str, object], None]] = {
+    "name": _Reader.k_str,
+    "uuid": _Reader.k_str,
+    "memory": _Reader.k_int,
+    "maxmem": _Reader.k_int,
+    "vcpus": _Reader.k_int,
+    "cpus": _Reader.k_cpus,
+    "builder": _Reader.k_builder,
+    "type": _Reader.k_type,
+    "kernel": _Reader.k_path,
+    "ramdisk": _Reader.k_path,
+    "root": _Reader.k_str,
+    "extra": _Reader.k_str,
+    "cmdline": _Reader.k_str,
+    "disk": _Reader.k_disk,
+    "vif": _Reader.k_vif,
+    **dict.fromkeys(("ip", "netmask", "gateway", "hostname", "dhcp"), _Reader.k_net),
+    **dict.fromkeys(("on_poweroff", "on_reboot", "on_crash"), _Reader.k_action),
+    "restart": _Reader.k_restart,
+    **dict.fromkeys(("cpu_weight", "cpu_cap", "weight", "cap"), _Reader.k_sched),
+    "serial": _Reader.k_serial,
+    "boot": _Reader.k_boot,
+    **dict.fromkeys(("ha", "ha_priority", "ha_group", "hosts"), _Reader.k_ha),
+}
+KNOWN_KEYS = frozenset(_HANDLERS)
+
+
+def _detect_format(filename: str, has_code: bool, values: Mapping[str, object],
+                   lines: Mapping[str, int]) -> Literal["xm", "xl"]:
+    if has_code:
+        return "xm"
+    if filename.endswith(".xl") or "type" in lines or "cmdline" in lines:
+        return "xl"
+    disks = values.get("disk") if "disk" in lines else None
+    if isinstance(disks, str):
+        disks = [disks]
+    if isinstance(disks, list) and any(isinstance(d, str) and is_xl_disk(d) for d in disks):
+        return "xl"
+    return "xm"
+
+
+def _parse(text: str, filename: str, variables: Mapping[str, str] | None, fmt: Format,
+           source_file: str | None) -> LoadResult:
+    if fmt not in ("auto", "xm", "xl"):
+        raise ConfigError(f"unknown config format {fmt!r} (expected auto, xm or xl)",
+                          file=filename)
+    tree = parse_source(text, filename)
+    code = first_code_statement(tree)
+    if fmt == "xl" and code is not None:
+        raise ConfigError("xl config files hold only KEY = VALUE settings; this is Python "
+                          "(read it as an xm config)", file=filename, line=code.lineno)
+    result = evaluate(tree, filename, variables)
+    chosen = fmt if fmt != "auto" else _detect_format(filename, code is not None,
+                                                       result.values, result.lines)
+    reader = _Reader(filename, chosen, result.values, result.lines)
+    config = reader.build(source_file)
+    warnings = reader.warnings
+    for key in sorted(result.lines, key=lambda k: result.lines[k]):
+        if (
+            key not in KNOWN_KEYS
+            and key not in IGNORED_KEYS
+            and key not in UNSUPPORTED_KEYS
+            and key not in result.used
+            and not key.startswith("_")
+            and not isinstance(result.values.get(key), Function)
+        ):
+            warnings.append(f"{filename}:{result.lines[key]}: unknown key {key!r} ignored")
+    for name in variables or {}:
+        if name not in result.used:
+            warnings.append(f"{filename}: variable {name!r} was given but the config "
+                            "does not use it")
+    return LoadResult(config=config, warnings=warnings)
+
+
+def parse_config(
+    text: str,
+    filename: str = "<config>",
+    variables: Mapping[str, str] | None = None,
+    *,
+    fmt: Format = "auto",
+) -> LoadResult:
+    """Parse config text; `filename` is used in messages (and as `source_file` if absolute)."""
+    source_file = filename if os.path.isabs(filename) else None
+    return _parse(text, filename, variables, fmt, source_file)
+
+
+def load_config(
+    path: str | Path,
+    variables: Mapping[str, str] | None = None,
+    *,
+    fmt: Format = "auto",
+) -> LoadResult:
+    """Read and parse a config file; messages name the path as given."""
+    shown = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("config file not found", file=shown) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file is not UTF-8 text ({exc.reason})", file=shown) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file: {exc.strerror or exc}", file=shown) from None
+    return _parse(text, shown, variables, fmt, os.path.abspath(path))
