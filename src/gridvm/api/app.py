@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,6 +15,8 @@ from pydantic import BaseModel
 from gridvm.config.model import DomainConfig
 from gridvm.errors import ConfigError, Conflict, GridvmError, NotFound, QemuError, ResourceError
 from gridvm.host.manager import HostManager
+
+log = logging.getLogger("gridvm.api")
 
 STATUS = {NotFound: 404, Conflict: 409, ConfigError: 422, ResourceError: 507, QemuError: 502}
 
@@ -76,6 +79,12 @@ def make_app(manager: HostManager) -> FastAPI:
     async def _gridvm_error(_: Request, exc: GridvmError) -> JSONResponse:
         return JSONResponse({"error": str(exc), "type": type(exc).__name__},
                             status_code=status_for(exc))
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("internal error")
+        return JSONResponse({"error": f"internal error in gridvmd: {type(exc).__name__}: {exc}",
+                             "type": "GridvmError"}, status_code=500)
 
     @app.get("/v1/info")
     async def info() -> dict[str, Any]:

@@ -9,9 +9,9 @@ import logging
 import os
 import signal
 import sys
-from pathlib import Path
 
 import uvicorn
+from pyroute2 import netns as pyroute2_netns
 
 from gridvm.api.app import make_app
 from gridvm.errors import GridvmError
@@ -43,7 +43,8 @@ def _logging(home: Home, verbose: bool) -> None:
     sh = logging.StreamHandler(sys.stderr)
     sh.setFormatter(fmt)
     root.addHandler(sh)
-    logging.getLogger("qemu").setLevel(logging.WARNING)
+    for noisy in ("qemu", "pyroute2", "asyncio", "httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
 
 
@@ -67,10 +68,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--home", help="state directory (default $GRIDVM_HOME or /var/lib/gridvm)")
     parser.add_argument("--accel", choices=["auto", "kvm", "tcg"],
                         default=os.environ.get("GRIDVM_ACCEL", "auto"))
+    parser.add_argument("--netns", help="run inside this network namespace (lab hosts)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     home = Home.resolve(args.home)
     try:
+        if args.netns:
+            # Before any thread exists, so the whole daemon and its QEMUs live there.
+            pyroute2_netns.setns(args.netns, flags=0)
         home.ensure()
         lock = _lock(home)
     except (GridvmError, OSError) as exc:

@@ -21,7 +21,7 @@ from gridvm.config.macs import assign_macs
 from gridvm.config.model import DomainConfig
 from gridvm.errors import Conflict, GridvmError, NotFound, QemuError, ResourceError
 from gridvm.host import hostinfo, links, procs, savefile
-from gridvm.host.vm import Vm
+from gridvm.host.vm import Vm, release
 from gridvm.paths import Home
 from gridvm.qemu import accel as accelmod
 from gridvm.qemu.argv import build_argv
@@ -112,10 +112,7 @@ class HostManager:
             await self._on_event(vm, "poweroff")
 
     async def _forget(self, rec: DomainRecord, rundir: Path) -> None:
-        for tap in rec.taps:
-            with contextlib.suppress(links.LinkError):
-                links.delete_link(tap)
-        shutil.rmtree(rundir, ignore_errors=True)
+        await release(rec.name, rec.taps, rundir)
         self._retire(rec)
 
     def _retire(self, rec: DomainRecord) -> None:
@@ -244,10 +241,7 @@ class HostManager:
             if pid is not None:
                 with contextlib.suppress(Exception):
                     await procs.kill_and_wait(pid, timeout=2)
-            for tap in made:
-                with contextlib.suppress(Exception):
-                    links.delete_link(tap)
-            shutil.rmtree(rundir, ignore_errors=True)
+            await release(cfg.name, made, rundir)
             rec.domid, rec.taps, rec.state, rec.started_at = None, [], "shutoff", None
             if self.store.get(rec.uuid) is not None:
                 self.store.put(rec)
@@ -276,6 +270,7 @@ class HostManager:
         action = {
             "poweroff": rec.config.actions.on_poweroff,
             "reboot": rec.config.actions.on_reboot,
+            "reset": rec.config.actions.on_reboot,
             "crash": rec.config.actions.on_crash,
         }[kind]
         rec.shutdown_reason = kind
@@ -285,12 +280,14 @@ class HostManager:
             await self._coredump(vm)
         action_kind = action.removeprefix("coredump-")
         if action_kind == "restart" and self._restart_allowed(rec):
-            await self._reset(vm)
+            await self._reset(vm, already=kind == "reset")
         elif action_kind == "rename-restart" and self._restart_allowed(rec):
             await self._rename_restart(vm)
         elif action_kind == "destroy":
             await self._teardown(vm, reason=kind)
         else:  # preserve, or a restart refused by the loop guard
+            if kind == "reset":
+                await vm.monitor.execute("stop")
             rec.state = "crashed" if kind == "crash" else "shutdown"
             self.store.put(rec)
 
@@ -303,10 +300,20 @@ class HostManager:
             return False
         return True
 
-    async def _reset(self, vm: Vm) -> None:
+    async def _reset(self, vm: Vm, *, already: bool = False) -> None:
         """Restart in the same QEMU: a fresh boot with the same domid and devices."""
-        await vm.monitor.execute("system_reset")
+        if already:
+            self._mark_restarted(vm)
+            return
+        async with vm.monitor.listen("RESET") as reset:
+            await vm.monitor.execute("system_reset")
+            # The reset happens asynchronously; `cont` before it is refused.
+            await asyncio.wait_for(reset.get(), timeout=10)
+        vm.firmware_reset_until = time.monotonic() + 5
         await vm.monitor.execute("cont")
+        self._mark_restarted(vm)
+
+    def _mark_restarted(self, vm: Vm) -> None:
         vm.rec.state, vm.rec.started_at = "running", time.time()
         self.store.put(vm.rec)
         vm.restarted.set()
@@ -341,7 +348,7 @@ class HostManager:
         """Stop QEMU, free taps and files, and retire the record."""
         vm.rec.state = "dying"
         await vm.stop_process()
-        vm.release_resources()
+        await vm.release_resources()
         self.vms.pop(vm.rec.uuid, None)
         vm.rec.shutdown_reason = reason
         self._retire(vm.rec)

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import shutil
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,8 @@ log = logging.getLogger("gridvm.vm")
 
 WATCHED = ("SHUTDOWN", "STOP", "RESUME", "GUEST_PANICKED", "RESET")
 
-# What the watcher reports to its manager: (vm, kind) with kind poweroff|reboot|crash|died.
+# What the watcher reports to its manager: (vm, kind) with kind
+# poweroff | reboot (paused, needs a reset) | reset (already reset) | crash | died.
 Handler = Callable[["Vm", str], Awaitable[None]]
 
 
@@ -34,6 +36,7 @@ class Vm:
         self.busy: str | None = None         # e.g. "migrating": refuse conflicting operations
         self.expected_exit = False           # set before we stop QEMU ourselves
         self.pending_reboot = False          # `reboot` = ACPI power-off, then restart
+        self.firmware_reset_until = 0.0      # see _classify
         self.gone = asyncio.Event()          # set when the QEMU has been torn down
         self.restarted = asyncio.Event()     # set on every automatic restart
         self._task: asyncio.Task[None] | None = None
@@ -62,27 +65,37 @@ class Vm:
                 except TimeoutError:
                     if not procs.pid_alive(self.pid):
                         if not self.expected_exit:
-                            await handler(self, "died")
+                            try:
+                                await handler(self, "died")
+                            except Exception:
+                                log.exception("%s: handling QEMU's exit failed", self.name)
                         return
                     continue
                 kind = self._classify(dict(event))
                 if kind:
-                    await handler(self, kind)
+                    try:
+                        await handler(self, kind)
+                    except Exception:
+                        log.exception("%s: handling %s failed", self.name, kind)
 
     def _classify(self, event: dict[str, Any]) -> str | None:
         name = event["event"]
         data = event.get("data", {})
+        log.debug("%s: event %s %s", self.name, name, data)
         if name == "STOP" and self.rec.state in ("running", "blocked"):
             self.rec.state = "paused"
         elif name == "RESUME":
             self.rec.state = "running"
         elif name == "GUEST_PANICKED":
             return "crash"
+        elif name == "RESET" and data.get("guest"):
+            if time.monotonic() < self.firmware_reset_until:
+                # SeaBIOS reboots once after a host-initiated reset: not the guest's doing.
+                self.firmware_reset_until = 0.0
+                return None
+            return "reset"  # the guest rebooted itself; QEMU has already reset it
         elif name == "SHUTDOWN" and data.get("guest"):
-            reason = data.get("reason", "")
-            if reason == "guest-reset":
-                return "reboot"
-            if reason == "guest-panic":
+            if data.get("reason") == "guest-panic":
                 return "crash"
             return "reboot" if self.pending_reboot else "poweroff"
         return None
@@ -109,11 +122,16 @@ class Vm:
                 await task
         await self.monitor.close()
 
-    def release_resources(self) -> None:
+    async def release_resources(self) -> None:
         """Remove what the domain held on the host: taps and its run directory."""
-        for tap in self.rec.taps:
-            try:
-                links.delete_link(tap)
-            except links.LinkError as exc:
-                log.warning("%s: %s", self.name, exc)
-        shutil.rmtree(self.rundir, ignore_errors=True)
+        await release(self.name, self.rec.taps, self.rundir)
+
+
+async def release(name: str, taps: list[str], rundir: Path) -> None:
+    """Delete taps (pyroute2 blocks: run it in a thread) and the run directory."""
+    for tap in taps:
+        try:
+            await asyncio.to_thread(links.delete_link, tap)
+        except links.LinkError as exc:
+            log.warning("%s: %s", name, exc)
+    shutil.rmtree(rundir, ignore_errors=True)

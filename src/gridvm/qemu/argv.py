@@ -49,8 +49,9 @@ class Machine:
             "-m", f"{self.memory}M",
             "-smp", str(self.vcpus),
             "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none",
-            # Guest shutdown, reboot and panic pause QEMU; gridvmd applies on_* actions.
-            "-action", "reboot=shutdown,shutdown=pause,panic=pause",
+            # Guest power-off and panic pause QEMU (a guest reboot resets it in place);
+            # gridvmd applies the on_* actions.
+            "-action", "shutdown=pause,panic=pause",
         ]
 
 

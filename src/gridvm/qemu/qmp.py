@@ -19,8 +19,8 @@ class Monitor:
     def __init__(self, name: str, socket: Path) -> None:
         self.socket = socket
         self.client = QMPClient(name)
-        # The default listener keeps every event forever: drop it in a long-lived daemon.
-        self.client.remove_listener(self.client.events)
+        # The default listener (which cannot be removed) would keep every event forever.
+        self.client.events.event_filter = lambda _event: False
 
     async def connect(self, timeout: float = 10.0) -> None:
         loop = asyncio.get_running_loop()

@@ -1,0 +1,5 @@
+"""`python -m gridvm` runs the gridvm CLI."""
+
+from gridvm.cli.main import main
+
+main()

@@ -1,0 +1,1 @@
+"""Lab: several gridvm hosts simulated on one machine in network namespaces."""
