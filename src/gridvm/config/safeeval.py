@@ -31,7 +31,7 @@ import operator
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 from gridvm.errors import ConfigError
 
@@ -50,10 +50,11 @@ class Limits:
     """Bounds on one evaluation."""
 
     max_source: int = 1_000_000  # characters of config text
-    max_steps: int = 200_000  # evaluated nodes
+    max_steps: int = 100_000  # evaluated nodes (work on big values counts extra)
     max_size: int = 1_000_000  # size of any value: characters + elements, recursively
     max_int_bits: int = 4096
     max_depth: int = 32  # nested function calls
+    max_nesting: int = 64  # nested lists, tuples and dicts
     max_width: int = 10_000  # width/precision in a format spec
 
 
@@ -89,6 +90,12 @@ class EvalResult:
     lines: dict[str, int]  # names the file assigned at top level -> line of the last assignment
     used: set[str]  # names the file reads somewhere
     declared: dict[str, Declared] = field(default_factory=dict)
+
+
+class _Measure(NamedTuple):
+    size: int  # characters + elements, recursively
+    depth: int  # container nesting
+    items: int  # elements, recursively
 
 
 class _XmVars:
@@ -173,10 +180,10 @@ _STATEMENT_NAMES = {
     ast.With: "'with' statements",
     ast.Try: "'try' statements",
     ast.ClassDef: "classes",
-    ast.Global: "'global'",
-    ast.Nonlocal: "'nonlocal'",
-    ast.Delete: "'del'",
-    ast.Assert: "'assert'",
+    ast.Global: "'global' statements",
+    ast.Nonlocal: "'nonlocal' statements",
+    ast.Delete: "'del' statements",
+    ast.Assert: "'assert' statements",
     ast.AsyncFunctionDef: "async functions",
 }
 _EXPRESSION_NAMES = {
@@ -186,9 +193,9 @@ _EXPRESSION_NAMES = {
     ast.DictComp: "dict comprehensions",
     ast.Set: "set literals",
     ast.NamedExpr: "':=' assignments",
-    ast.Await: "'await'",
-    ast.Yield: "'yield'",
-    ast.YieldFrom: "'yield'",
+    ast.Await: "'await' expressions",
+    ast.Yield: "'yield' expressions",
+    ast.YieldFrom: "'yield' expressions",
     ast.Starred: "starred ('*') expressions",
 }
 
@@ -294,7 +301,7 @@ class _Evaluator:
         self.steps = 0
         self.depth = 0
         # Values are never mutated after creation, so a container's size is computed once.
-        self._sizes: dict[int, tuple[object, int]] = {}
+        self._sizes: dict[int, tuple[object, _Measure]] = {}
 
     # ----- errors and limits -----------------------------------------------------------
 
@@ -312,32 +319,51 @@ class _Evaluator:
                 f"config takes too long to evaluate (over {self.limits.max_steps} steps)", node
             )
 
-    def size(self, value: object) -> int:
-        """Characters plus elements of `value`, recursively (cached per container)."""
+    def measure(self, value: object) -> _Measure:
+        """Size, nesting depth and element count of `value`, recursively.
+
+        Values are never mutated after creation, so each container is measured once.
+        """
         if isinstance(value, str):
-            return len(value) + 1
+            return _Measure(len(value) + 1, 0, 0)
         if not isinstance(value, list | tuple | dict):
-            return 1
+            return _Measure(1, 0, 0)
         cached = self._sizes.get(id(value))
         if cached is not None and cached[0] is value:
             return cached[1]
-        total = 1
-        if isinstance(value, dict):
-            for k, v in value.items():
-                total += self.size(k) + self.size(v)
-        else:
-            for item in value:
-                total += self.size(item)
-        self._sizes[id(value)] = (value, total)
-        return total
+        items = [x for kv in value.items() for x in kv] if isinstance(value, dict) else value
+        size, depth, count = 1, 0, len(items)
+        for item in items:
+            sub = self.measure(item)
+            size += sub.size
+            depth = max(depth, sub.depth)
+            count += sub.items
+        result = _Measure(size, depth + 1, count)
+        self._sizes[id(value)] = (value, result)
+        return result
+
+    def size(self, value: object) -> int:
+        return self.measure(value).size
 
     def new(self, value: object, node: ast.AST) -> object:
-        """Admit a freshly made value, enforcing the size limits."""
-        if isinstance(value, int) and value.bit_length() > self.limits.max_int_bits:
-            self.reject(f"number too large (over {self.limits.max_int_bits} bits)", node)
-        if self.size(value) > self.limits.max_size:
-            self.reject(f"value too large (over {self.limits.max_size} characters/elements)", node)
+        """Admit a freshly made value, enforcing the size limits (big values cost steps)."""
+        limits = self.limits
+        if isinstance(value, int) and value.bit_length() > limits.max_int_bits:
+            self.reject(f"number too large (over {limits.max_int_bits} bits)", node)
+        m = self.measure(value)
+        if m.size > limits.max_size:
+            self.reject(f"value too large (over {limits.max_size} characters/elements)", node)
+        if m.depth > limits.max_nesting:
+            self.reject(f"value nested too deeply (over {limits.max_nesting} levels)", node)
+        self.charge(node, value)
         return value
+
+    def charge(self, node: ast.AST, *values: object) -> None:
+        """Count work on big values as steps: one per 2 elements or 1000 characters."""
+        for value in values:
+            m = self.measure(value)
+            self.steps += m.items // 2 + m.size // 1000
+        self.tick(node)
 
     # ----- statements -----------------------------------------------------------------
 
@@ -538,6 +564,7 @@ class _Evaluator:
 
     def precheck(self, op: ast.operator, a: object, b: object, node: ast.AST) -> None:
         """Refuse operations whose result would exceed the limits before computing them."""
+        self.charge(node, a, b)
         limits = self.limits
         too_big = f"value too large (over {limits.max_size} characters/elements)"
         too_many_bits = f"number too large (over {limits.max_int_bits} bits)"
@@ -569,6 +596,7 @@ class _Evaluator:
         left = self.eval(node.left, scope)
         for op, comparator in zip(node.ops, node.comparators, strict=True):
             right = self.eval(comparator, scope)
+            self.charge(node, left, right)
             try:
                 ok = _CMPOPS[type(op)](left, right)
             except _PY_ERRORS as exc:
@@ -724,6 +752,7 @@ class _Evaluator:
         if isinstance(target, _Builtin):
             if target.name == "range":
                 self.check_range(args, node)
+            self.charge(node, *args)
             try:
                 result = target.fn(*args, **kwargs)
             except _PY_ERRORS as exc:

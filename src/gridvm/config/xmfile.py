@@ -139,6 +139,10 @@ UNSUPPORTED_KEYS: Mapping[str, str] = {
     "access_control": "security labels are not supported",
 }
 
+_MAX_MIB = 16 << 20
+_MAX_CAP = 6400
+_MAX_IOPS = 10**9
+_MAX_PRIORITY = 1_000_000
 _ACTIONS: frozenset[str] = frozenset(get_args(Action))
 _HA_POLICIES: frozenset[str] = frozenset(get_args(HaPolicy))
 _DEFAULT_ACTIONS: Mapping[str, tuple[str, str, str]] = {
@@ -401,12 +405,15 @@ def parse_disk(spec: str, warnings: list[str] | None = None) -> DiskSpec | None:
             raw = keywords[key]
             if key.startswith("bps"):
                 throttles[key] = parse_bytes(raw)
-            elif raw.isdigit() and int(raw) > 0:
+            elif raw.isascii() and raw.isdigit() and 0 < int(raw) <= _MAX_IOPS:
                 throttles[key] = int(raw)
             else:
-                raise ValueError(f"bad {key} {raw!r} (expected a positive whole number)")
-    return DiskSpec.model_validate({"target": target, "vdev": vdev, "mode": mode,
-                                    "format": fmt, "devtype": devtype, **throttles})
+                raise ValueError(f"bad {key} {raw!r} (expected a whole number 1..{_MAX_IOPS})")
+    try:
+        return DiskSpec.model_validate({"target": target, "vdev": vdev, "mode": mode,
+                                        "format": fmt, "devtype": devtype, **throttles})
+    except ValidationError as exc:  # pragma: no cover - every field was checked above
+        raise ValueError(_pydantic_reason(exc)) from None
 
 
 def is_xl_disk(spec: str) -> bool:
@@ -544,6 +551,8 @@ class _Reader:
             self.bad(key, value, str(exc))
         if number < 1:
             self.bad(key, value, "must be at least 1")
+        if key in ("memory", "maxmem") and number > _MAX_MIB:
+            self.bad(key, value, f"more than {_MAX_MIB} MiB (16 TiB)")
         self.set(key, key, number)
 
     def k_cpus(self, key: str, value: object) -> None:
@@ -561,11 +570,11 @@ class _Reader:
             dtype = "pv"
         else:
             self.bad(key, value, "expected 'linux' or 'hvm'")
-        if "type" not in self.values:  # xl's `type` wins over `builder`
+        if "type" not in self.lines:  # xl's `type` wins over `builder`
             self.set(key, "type", dtype)
 
     def k_type(self, key: str, value: object) -> None:
-        if value not in ("pv", "pvh", "hvm"):
+        if not isinstance(value, str) or value not in ("pv", "pvh", "hvm"):
             self.bad(key, value, "expected 'pv', 'pvh' or 'hvm'")
         self.set(key, "type", value)
 
@@ -589,8 +598,6 @@ class _Reader:
                 disk = parse_disk(spec, notes)
             except ValueError as exc:
                 self.fail(key, f"invalid disk[{i}] {spec!r}: {exc}")
-            except ValidationError as exc:
-                self.fail(key, f"invalid disk[{i}] {spec!r}: {_pydantic_reason(exc)}")
             for note in notes:
                 self.warn(key, note)
             if disk is None:
@@ -636,7 +643,7 @@ class _Reader:
             self.net[key] = text
 
     def k_action(self, key: str, value: object) -> None:
-        if value not in _ACTIONS:
+        if not isinstance(value, str) or value not in _ACTIONS:
             self.bad(key, value, "expected one of " + ", ".join(sorted(_ACTIONS)))
         self.actions[key] = str(value)
 
@@ -645,7 +652,7 @@ class _Reader:
         presets = {"onreboot": ("destroy", "restart", "destroy"),
                    "always": ("restart", "restart", "restart"),
                    "never": ("destroy", "destroy", "destroy")}
-        if value not in presets:
+        if not isinstance(value, str) or value not in presets:
             self.bad(key, value, "expected 'onreboot', 'always' or 'never'")
         for name, action in zip(("on_poweroff", "on_reboot", "on_crash"), presets[str(value)],
                                 strict=True):
@@ -658,6 +665,8 @@ class _Reader:
             number = _as_int(value)
         except ValueError as exc:
             self.bad(key, value, str(exc))
+        if name == "cap" and number > _MAX_CAP:
+            self.bad(key, value, f"more than {_MAX_CAP} (100 per vcpu, at most 64 vcpus)")
         self.sub(key, Sched, **{name: number})
         self.sched[name] = number
 
@@ -679,13 +688,15 @@ class _Reader:
         if key == "ha":
             if isinstance(value, bool | int) and value in (0, 1):
                 value = "restart" if value else "off"
-            if value not in _HA_POLICIES:
+            if not isinstance(value, str) or value not in _HA_POLICIES:
                 self.bad(key, value, "expected one of " + ", ".join(sorted(_HA_POLICIES)))
         elif key == "ha_priority":
             try:
                 value = _as_int(value)
             except ValueError as exc:
                 self.bad(key, value, str(exc))
+            if abs(value) > _MAX_PRIORITY:
+                self.bad(key, value, f"expected -{_MAX_PRIORITY}..{_MAX_PRIORITY}")
         elif key == "ha_group":
             if not isinstance(value, str):
                 self.bad(key, value, "expected a string")
@@ -735,12 +746,9 @@ class _Reader:
         if handler is not None:
             if value is not None:
                 handler(self, key, value)
-        elif key in UNSUPPORTED_KEYS:
-            if value is not None and value != "" and value != []:
-                self.warn(key, f"{key} ignored: {UNSUPPORTED_KEYS[key]}")
-        elif key in IGNORED_KEYS:
-            pass
-        # unknown keys are reported by _unknown_key_warnings
+        elif key in UNSUPPORTED_KEYS and value not in (None, "", []):
+            self.warn(key, f"{key} ignored: {UNSUPPORTED_KEYS[key]}")
+        # IGNORED_KEYS are dropped silently; unknown keys are reported by _parse.
 
 
 _HANDLERS: dict[str, Callable[[_Reader, str, object], None]] = {
