@@ -14,11 +14,11 @@ import time
 import uuid as uuidlib
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from gridvm import __version__
 from gridvm.config.macs import assign_macs
-from gridvm.config.model import DomainConfig
+from gridvm.config.model import DomainConfig, VifSpec
 from gridvm.errors import Conflict, GridvmError, NotFound, QemuError, ResourceError
 from gridvm.host import hostinfo, links, procs, savefile
 from gridvm.host.vm import Vm, release
@@ -35,6 +35,31 @@ RESTART_LIMIT = 5
 MIGRATION_POLL_S = 0.05
 
 
+class NetPlug(Protocol):
+    """What the network layer does for domains (gridvm.host.networks implements it)."""
+
+    async def bridge_for(self, vif: VifSpec) -> str | None:
+        """The Linux bridge a vif's taps join (a gridvm network's bridge, or `vif.bridge`)."""
+        ...
+
+    async def domain_started(self, rec: DomainRecord) -> None: ...
+
+    async def domain_stopped(self, rec: DomainRecord) -> None: ...
+
+
+class PlainBridges:
+    """Without a network layer: `bridge=` names a Linux bridge, created if missing."""
+
+    async def bridge_for(self, vif: VifSpec) -> str | None:
+        return vif.bridge
+
+    async def domain_started(self, rec: DomainRecord) -> None:
+        return None
+
+    async def domain_stopped(self, rec: DomainRecord) -> None:
+        return None
+
+
 class HostManager:
     """All domains of one gridvmd home."""
 
@@ -46,6 +71,7 @@ class HostManager:
         self.verdict: accelmod.Verdict | None = None
         self.vms: dict[str, Vm] = {}          # by uuid
         self._create_lock = asyncio.Lock()
+        self.net: NetPlug = PlainBridges()
 
     # ----- lifecycle of the manager ---------------------------------------------------------
 
@@ -221,7 +247,8 @@ class HostManager:
             shutil.rmtree(rundir, ignore_errors=True)
             rundir.mkdir(parents=True)
             for tap, vif in zip(taps, cfg.vifs, strict=True):
-                await asyncio.to_thread(links.create_tap, tap, vif.bridge)
+                bridge = await self.net.bridge_for(vif)
+                await asyncio.to_thread(links.create_tap, tap, bridge)
                 made.append(tap)
                 rec.taps = list(made)
             try:
@@ -251,6 +278,7 @@ class HostManager:
         self.store.put(rec)
         self.vms[rec.uuid] = vm
         vm.start_watching(self._on_event)
+        await self.net.domain_started(rec)
         log.info("%s: started domid %s pid %s (%s)", cfg.name, domid, pid, self.accel)
         return vm
 
@@ -350,6 +378,10 @@ class HostManager:
         await vm.stop_process()
         await vm.release_resources()
         self.vms.pop(vm.rec.uuid, None)
+        try:
+            await self.net.domain_stopped(vm.rec)
+        except GridvmError as exc:
+            log.warning("%s: network cleanup: %s", vm.name, exc)
         vm.rec.shutdown_reason = reason
         self._retire(vm.rec)
         vm.gone.set()
