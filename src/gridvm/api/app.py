@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from gridvm.api.routes_network import network_router
 from gridvm.config.model import DomainConfig
 from gridvm.errors import ConfigError, Conflict, GridvmError, NotFound, QemuError, ResourceError
 from gridvm.host.manager import HostManager
@@ -166,4 +167,5 @@ def make_app(manager: HostManager) -> FastAPI:
     async def daemon_log(lines: int = 200) -> dict[str, Any]:
         return {"text": _tail(m.home.daemon_log, lines)}
 
+    app.include_router(network_router(m))
     return app

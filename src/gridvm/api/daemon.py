@@ -16,6 +16,7 @@ from pyroute2 import netns as pyroute2_netns
 from gridvm.api.app import make_app
 from gridvm.errors import GridvmError
 from gridvm.host.manager import HostManager
+from gridvm.host.networks import NetworkManager
 from gridvm.paths import Home
 from gridvm.store.sqlite import SqliteStore
 
@@ -51,6 +52,8 @@ def _logging(home: Home, verbose: bool) -> None:
 async def serve(home: Home, accel: str) -> None:
     store = SqliteStore(home.db)
     manager = HostManager(home, store, accel=accel)
+    manager.net = net = NetworkManager(home, store)
+    await net.start()  # rebuild networks and reconcile leftovers before domains are adopted
     sock = home.api_socket
     sock.unlink(missing_ok=True)
     config = uvicorn.Config(make_app(manager), uds=str(sock), log_level="warning",
