@@ -12,6 +12,9 @@ from rich.console import Console
 from rich.table import Table
 
 from gridvm.api.client import Client
+from gridvm.cli.lab import lab_app
+from gridvm.cli.network import network_app
+from gridvm.cli.target import resolve_home
 from gridvm.config.xmfile import load_config
 from gridvm.errors import ConfigError, GridvmError
 from gridvm.paths import Home
@@ -20,11 +23,15 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Xen-style toolstack on QEMU (xm/xl verbs).")
 image_app = typer.Typer(no_args_is_help=True, help="Guest images.")
 app.add_typer(image_app, name="image")
+app.add_typer(network_app, name="network")
+app.add_typer(lab_app, name="lab")
 
 out = Console()
 err = Console(stderr=True)
 
 HomeOpt = Annotated[str | None, typer.Option("--home", help="gridvm home (or $GRIDVM_HOME)")]
+HostOpt = Annotated[str | None, typer.Option(
+    "--host", help="a lab host's daemon: HOST or LAB/HOST (or $GRIDVM_HOST)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
 
 
@@ -33,8 +40,8 @@ class State:
 
 
 @app.callback()
-def _root(home: HomeOpt = None) -> None:
-    State.home = Home.resolve(home)
+def _root(home: HomeOpt = None, host: HostOpt = None) -> None:
+    State.home = resolve_home(home, host)
 
 
 def client(timeout: float = 120) -> Client:
