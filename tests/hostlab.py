@@ -7,6 +7,7 @@ import itertools
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,7 @@ XM_HVM = """\
 name = "{name}"
 builder = "hvm"
 memory = {memory}
-disk = [ 'file:{disk},hda,w' ]
+disk = [ 'tap:qcow2:{disk},hda,w' ]
 vif = [ 'type=ioemu, model=e1000, bridge={bridge}' ]
 ip = "{ip}"
 netmask = "255.255.255.0"
@@ -97,6 +98,22 @@ class HostEnv:
 
     def wait_http(self, ip: str, path: str = "/", timeout: float = 90) -> str:
         return httpprobe.wait_http(ip, path, ns=self.ns, timeout=timeout)
+
+    def wait_new_boot(self, ip: str, old: str, timeout: float = 90) -> str:
+        """Poll /bootid until it differs from `old` (the guest has rebooted)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                boot = self.http(ip, "/bootid", timeout=1.0)
+                if boot != old:
+                    return boot
+            time.sleep(0.2)
+        raise AssertionError(f"{ip} did not reboot within {timeout:.0f}s")
+
+    def crash(self, ip: str) -> None:
+        """Make the guest panic (it may die before it answers)."""
+        with contextlib.suppress(OSError):
+            self.http(ip, "/crash", timeout=1.0)
 
     def domains(self) -> list[dict[str, Any]]:
         c = self.agent.client()

@@ -335,7 +335,7 @@ def main() -> None:
     try:
         app()
     except GridvmError as exc:
-        err.print(f"gridvm: error: {exc}", highlight=False, markup=False)
+        sys.stderr.write(f"gridvm: error: {' '.join(str(exc).split())}\n")
         raise SystemExit(1) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None

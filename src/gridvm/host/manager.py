@@ -337,7 +337,7 @@ class HostManager:
             await vm.monitor.execute("system_reset")
             # The reset happens asynchronously; `cont` before it is refused.
             await asyncio.wait_for(reset.get(), timeout=10)
-        vm.firmware_reset_until = time.monotonic() + 5
+        vm.firmware_reset_until = time.monotonic() + 1.5
         await vm.monitor.execute("cont")
         self._mark_restarted(vm)
 

@@ -90,8 +90,7 @@ class Vm:
             return "crash"
         elif name == "RESET" and data.get("guest"):
             if time.monotonic() < self.firmware_reset_until:
-                # SeaBIOS reboots once after a host-initiated reset: not the guest's doing.
-                self.firmware_reset_until = 0.0
+                # SeaBIOS resets the machine again right after a host-initiated reset.
                 return None
             return "reset"  # the guest rebooted itself; QEMU has already reset it
         elif name == "SHUTDOWN" and data.get("guest"):
