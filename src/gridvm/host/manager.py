@@ -18,9 +18,10 @@ from typing import Any, Protocol
 
 from gridvm import __version__
 from gridvm.config.macs import assign_macs
-from gridvm.config.model import DomainConfig, VifSpec
-from gridvm.errors import Conflict, GridvmError, NotFound, QemuError, ResourceError
+from gridvm.config.model import DomainConfig, Sched, VifSpec
+from gridvm.errors import ConfigError, Conflict, GridvmError, NotFound, QemuError, ResourceError
 from gridvm.host import hostinfo, links, procs, savefile
+from gridvm.host.resources import Resources, validate_sched, vif_index
 from gridvm.host.vm import Vm, release
 from gridvm.paths import Home
 from gridvm.qemu import accel as accelmod
@@ -72,6 +73,7 @@ class HostManager:
         self.vms: dict[str, Vm] = {}          # by uuid
         self._create_lock = asyncio.Lock()
         self.net: NetPlug = PlainBridges()
+        self.res = Resources(home)
 
     # ----- lifecycle of the manager ---------------------------------------------------------
 
@@ -83,6 +85,8 @@ class HostManager:
         for rec in self.store.all():
             if rec.domid is not None:
                 await self._adopt(rec)
+        await self.res.reconcile({vm.rec.domid for vm in self.vms.values()
+                                  if vm.rec.domid is not None})
 
     async def close(self) -> None:
         """Stop watching; guests keep running (the next gridvmd re-adopts them)."""
@@ -138,6 +142,7 @@ class HostManager:
             await self._on_event(vm, "poweroff")
 
     async def _forget(self, rec: DomainRecord, rundir: Path) -> None:
+        await self.res.release(rec)
         await release(rec.name, rec.taps, rundir)
         self._retire(rec)
 
@@ -262,7 +267,10 @@ class HostManager:
             await monitor.connect(timeout=10)
             vm = Vm(rec, pid, rundir, monitor)
             status = await vm.status()
+            await self.res.apply(vm)
         except BaseException:
+            with contextlib.suppress(Exception):
+                await self.res.release(rec)
             if monitor is not None:
                 await monitor.close()
             if pid is not None:
@@ -376,6 +384,7 @@ class HostManager:
         """Stop QEMU, free taps and files, and retire the record."""
         vm.rec.state = "dying"
         await vm.stop_process()
+        await self.res.release(vm.rec)
         await vm.release_resources()
         self.vms.pop(vm.rec.uuid, None)
         try:
@@ -457,6 +466,84 @@ class HostManager:
             await asyncio.wait_for(event.wait(), timeout=timeout)
         except TimeoutError as exc:
             raise GridvmError(f"{message} within {timeout:.0f}s") from exc
+
+    # ----- resource control (xm sched-credit, vcpu-pin, mem-set, ...) --------------------
+
+    async def sched_credit(self, ref: str, weight: int | None, cap: int | None) -> Sched:
+        """Change weight and/or cap (live if running; kept for the next start)."""
+        validate_sched(weight, cap)
+        rec = self.lookup(ref)
+        sched = rec.config.sched.model_copy(update={
+            k: v for k, v in (("weight", weight), ("cap", cap)) if v is not None})
+        vm = self.vms.get(rec.uuid)
+        if vm is not None:
+            await self.res.set_sched(vm, sched.weight, sched.cap)
+        rec.config = rec.config.model_copy(update={"sched": sched})
+        self.store.put(rec)
+        return sched
+
+    async def vcpu_pin(self, ref: str, vcpu: str, cpus: str) -> None:
+        async with self.operation(ref, "vcpu-pin") as vm:
+            if vcpu == "all":
+                await self.res.pin(vm, None, cpus)
+                vm.rec.config = vm.rec.config.model_copy(update={"cpus": cpus})
+                vm.rec.vcpu_pins = {}
+            elif vcpu.isdigit():
+                await self.res.pin(vm, int(vcpu), cpus)
+                vm.rec.vcpu_pins[int(vcpu)] = cpus
+            else:
+                raise ConfigError(f"invalid vcpu {vcpu!r}: a number or 'all'")
+            self.store.put(vm.rec)
+
+    async def vcpu_list(self, ref: str | None) -> list[dict[str, Any]]:
+        vms = [self.running(ref)] if ref else list(self.vms.values())
+        return [row for vm in vms for row in await self.res.vcpu_list(vm)]
+
+    async def mem_set(self, ref: str, mb: int) -> None:
+        """Balloon a running domain to `mb` MiB (at most its maxmem)."""
+        async with self.operation(ref, "mem-set") as vm:
+            cfg = vm.rec.config
+            if not 16 <= mb <= cfg.max_memory:
+                raise ConfigError(f"invalid memory {mb} MiB for {cfg.name}: "
+                                  f"must be 16..{cfg.max_memory} (its maxmem)")
+            await self.res.balloon(vm, mb)
+            vm.rec.config = cfg.model_copy(update={"memory": mb})
+            self.store.put(vm.rec)
+
+    async def mem_max(self, ref: str, mb: int) -> None:
+        """Set the memory ceiling used from the next start."""
+        rec = self.lookup(ref)
+        if mb < 16:
+            raise ConfigError(f"invalid maxmem {mb} MiB: must be at least 16")
+        update: dict[str, Any] = {"maxmem": mb}
+        if rec.config.memory > mb:
+            update["memory"] = mb
+        rec.config = rec.config.model_copy(update=update)
+        self.store.put(rec)
+
+    async def block_throttle(self, ref: str, vdev: str, limits: dict[str, int]) -> None:
+        async with self.operation(ref, "block-throttle") as vm:
+            cfg = vm.rec.config
+            disks = [d for d in cfg.disks if d.vdev == vdev]
+            if not disks:
+                raise NotFound(f"domain {cfg.name} has no disk {vdev!r}")
+            if any(v < 0 for v in limits.values()):
+                raise ConfigError("throttle limits must be 0 (unlimited) or positive")
+            await self.res.block_throttle(vm, vdev, limits)
+            new = disks[0].model_copy(update={k: (v or None) for k, v in limits.items()})
+            vm.rec.config = cfg.model_copy(update={
+                "disks": [new if d.vdev == vdev else d for d in cfg.disks]})
+            self.store.put(vm.rec)
+
+    async def network_rate(self, ref: str, vif: str, rate: str | None) -> None:
+        async with self.operation(ref, "network-rate") as vm:
+            cfg = vm.rec.config
+            index = vif_index(cfg, vif)
+            await self.res.vif_rate(vm, index, rate)
+            vifs = list(cfg.vifs)
+            vifs[index] = vifs[index].model_copy(update={"rate": rate})
+            vm.rec.config = cfg.model_copy(update={"vifs": vifs})
+            self.store.put(vm.rec)
 
     # ----- save / restore -----------------------------------------------------------------
 

@@ -46,7 +46,8 @@ class Machine:
             "-cpu", cpu,
             "-name", f"{self.name},process=gridvm:{self.name}",
             "-uuid", self.uuid,
-            "-m", f"{self.memory}M",
+            # RAM is sized for maxmem; gridvmd balloons down to `memory` after start.
+            "-m", f"{self.maxmem}M",
             "-smp", str(self.vcpus),
             "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none",
             # Guest power-off and panic pause QEMU (a guest reboot resets it in place);

@@ -22,6 +22,7 @@ class DomainRecord(BaseModel):
     taps: list[str] = Field(default_factory=list)
     accel: str | None = None
     shutdown_reason: str | None = None
+    vcpu_pins: dict[int, str] = Field(default_factory=dict)  # per-vCPU pins (vcpu-pin)
 
     @property
     def name(self) -> str:
