@@ -34,6 +34,7 @@ class ImageInfo:
     cmdline: str = DEFAULT_CMDLINE
     kernel_version: str = ""
     hvm_kernel_version: str = ""
+    recipe: str = ""
 
     def to_json(self) -> dict[str, str | None]:
         """The stable summary: name and absolute paths."""
@@ -60,6 +61,7 @@ class ImageInfo:
             "cmdline": self.cmdline,
             "kernel_version": self.kernel_version,
             "hvm_kernel_version": self.hvm_kernel_version,
+            "recipe": self.recipe,
         }
 
 
@@ -107,6 +109,7 @@ def load_image(image_dir: Path) -> ImageInfo:
         cmdline=text("cmdline", DEFAULT_CMDLINE),
         kernel_version=text("kernel_version", ""),
         hvm_kernel_version=text("hvm_kernel_version", ""),
+        recipe=text("recipe", ""),
     )
 
 

@@ -1,5 +1,5 @@
 #!/bin/sh
-# One HTTP/1.0 request on stdin/stdout (run by tcpsvd for each connection).
+# One HTTP/1.0 request on stdin/stdout (run by "nc -ll -e" for each connection).
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 cr=$(printf '\r')
 tmp=/tmp/http.$$

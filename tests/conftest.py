@@ -1,0 +1,19 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from gridvm.images.store import ImageInfo
+from gridvm.images.tiny import build_tiny
+
+TEST_IMAGES = Path(os.environ.get("GRIDVM_TEST_IMAGES", "/var/cache/gridvm/test-images"))
+
+
+@pytest.fixture(scope="session")
+def tiny_image() -> ImageInfo:
+    """The tiny guest image, built once and cached in $GRIDVM_TEST_IMAGES."""
+    return build_tiny(TEST_IMAGES)
