@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from gridvm.api.routes_network import network_router
+from gridvm.api.routes_resources import resource_routes
 from gridvm.config.model import DomainConfig
 from gridvm.errors import ConfigError, Conflict, GridvmError, NotFound, QemuError, ResourceError
 from gridvm.host.manager import HostManager
@@ -75,6 +76,7 @@ def make_app(manager: HostManager) -> FastAPI:
 
     app = FastAPI(title="gridvmd", lifespan=lifespan)
     m = manager
+    app.include_router(resource_routes(m))
 
     @app.exception_handler(GridvmError)
     async def _gridvm_error(_: Request, exc: GridvmError) -> JSONResponse:

@@ -14,6 +14,7 @@ from rich.table import Table
 from gridvm.api.client import Client
 from gridvm.cli.lab import lab_app
 from gridvm.cli.network import network_app
+from gridvm.cli.resources import register as register_resource_verbs
 from gridvm.cli.target import resolve_home
 from gridvm.config.xmfile import load_config
 from gridvm.errors import ConfigError, GridvmError
@@ -23,6 +24,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Xen-style toolstack on QEMU (xm/xl verbs).")
 image_app = typer.Typer(no_args_is_help=True, help="Guest images.")
 app.add_typer(image_app, name="image")
+register_resource_verbs(app)
 app.add_typer(network_app, name="network")
 app.add_typer(lab_app, name="lab")
 
