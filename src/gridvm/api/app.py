@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from gridvm.api.routes_network import network_router
 from gridvm.api.routes_resources import resource_routes
+from gridvm.api.routes_stats import stats_routes
 from gridvm.config.model import DomainConfig
 from gridvm.errors import ConfigError, Conflict, GridvmError, NotFound, QemuError, ResourceError
 from gridvm.host.manager import HostManager
@@ -77,6 +78,7 @@ def make_app(manager: HostManager) -> FastAPI:
     app = FastAPI(title="gridvmd", lifespan=lifespan)
     m = manager
     app.include_router(resource_routes(m))
+    app.include_router(stats_routes(m))
 
     @app.exception_handler(GridvmError)
     async def _gridvm_error(_: Request, exc: GridvmError) -> JSONResponse:
@@ -95,7 +97,7 @@ def make_app(manager: HostManager) -> FastAPI:
 
     @app.get("/v1/domains")
     async def domains() -> list[dict[str, Any]]:
-        return [m.view(r) for r in m.store.all()]
+        return [await m.live_view(r) for r in m.store.all()]
 
     @app.post("/v1/domains")
     async def create(req: CreateRequest) -> dict[str, Any]:
@@ -105,7 +107,7 @@ def make_app(manager: HostManager) -> FastAPI:
 
     @app.get("/v1/domains/{ref}")
     async def domain(ref: str) -> dict[str, Any]:
-        return m.view(m.lookup(ref))
+        return await m.live_view(m.lookup(ref))
 
     @app.delete("/v1/domains/{ref}")
     async def delete(ref: str) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from gridvm.config.model import DomainConfig, Sched, VifSpec
 from gridvm.errors import ConfigError, Conflict, GridvmError, NotFound, QemuError, ResourceError
 from gridvm.host import hostinfo, links, procs, savefile
 from gridvm.host.resources import Resources, validate_sched, vif_index
+from gridvm.host.stats import Sampler
 from gridvm.host.vm import Vm, release
 from gridvm.paths import Home
 from gridvm.qemu import accel as accelmod
@@ -74,6 +75,7 @@ class HostManager:
         self._create_lock = asyncio.Lock()
         self.net: NetPlug = PlainBridges()
         self.res = Resources(home)
+        self.stats = Sampler(self)            # usage counters for top, /v1/stats, /metrics
 
     # ----- lifecycle of the manager ---------------------------------------------------------
 
@@ -87,9 +89,11 @@ class HostManager:
                 await self._adopt(rec)
         await self.res.reconcile({vm.rec.domid for vm in self.vms.values()
                                   if vm.rec.domid is not None})
+        self.stats.start()
 
     async def close(self) -> None:
         """Stop watching; guests keep running (the next gridvmd re-adopts them)."""
+        await self.stats.close()
         for vm in list(self.vms.values()):
             await vm.detach()
         self.vms.clear()
@@ -524,13 +528,13 @@ class HostManager:
     async def block_throttle(self, ref: str, vdev: str, limits: dict[str, int]) -> None:
         async with self.operation(ref, "block-throttle") as vm:
             cfg = vm.rec.config
-            disks = [d for d in cfg.disks if d.vdev == vdev]
-            if not disks:
+            found = [i for i, d in enumerate(cfg.disks) if d.vdev == vdev]
+            if not found:
                 raise NotFound(f"domain {cfg.name} has no disk {vdev!r}")
             if any(v < 0 for v in limits.values()):
                 raise ConfigError("throttle limits must be 0 (unlimited) or positive")
-            await self.res.block_throttle(vm, vdev, limits)
-            new = disks[0].model_copy(update={k: (v or None) for k, v in limits.items()})
+            await self.res.block_throttle(vm, found[0], limits)
+            new = cfg.disks[found[0]].model_copy(update={k: (v or None) for k, v in limits.items()})
             vm.rec.config = cfg.model_copy(update={
                 "disks": [new if d.vdev == vdev else d for d in cfg.disks]})
             self.store.put(vm.rec)
@@ -634,6 +638,16 @@ class HostManager:
         raise QemuError(f"incoming migration did not finish within {timeout:.0f}s")
 
     # ----- views --------------------------------------------------------------------------
+
+    async def live_view(self, rec: DomainRecord) -> dict[str, Any]:
+        """`view` plus what only the running QEMU knows (the balloon's actual size)."""
+        data = self.view(rec)
+        vm = self.vms.get(rec.uuid)
+        if vm is not None:
+            actual = await self.res.current_memory(vm)
+            if actual is not None:
+                data["memory"] = actual
+        return data
 
     def view(self, rec: DomainRecord) -> dict[str, Any]:
         vm = self.vms.get(rec.uuid)

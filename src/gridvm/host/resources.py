@@ -20,6 +20,7 @@ from gridvm.host.cpulist import format_cpulist, parse_cpulist
 from gridvm.host.rates import parse_rate
 from gridvm.host.vm import Vm
 from gridvm.paths import Home
+from gridvm.qemu.argv import drive_id
 from gridvm.store.records import DomainRecord
 
 log = logging.getLogger("gridvm.resources")
@@ -149,9 +150,10 @@ class Resources:
 
     # ----- I/O ---------------------------------------------------------------------------
 
-    async def block_throttle(self, vm: Vm, vdev: str, limits: dict[str, int]) -> None:
+    async def block_throttle(self, vm: Vm, index: int, limits: dict[str, int]) -> None:
         """Set a disk's limits (all six; 0 = unlimited) through QEMU's block throttling."""
-        args: dict[str, Any] = {"id": vdev, **dict.fromkeys(THROTTLE_KEYS, 0), **limits}
+        args: dict[str, Any] = {"device": drive_id(index), **dict.fromkeys(THROTTLE_KEYS, 0),
+                                **limits}
         await vm.monitor.execute("block_set_io_throttle", args)
 
     async def vif_rate(self, vm: Vm, index: int, rate: str | None) -> None:

@@ -110,6 +110,11 @@ def _throttle(d: DiskSpec) -> dict[str, object]:
     }
 
 
+def drive_id(index: int) -> str:
+    """The -drive id (BlockBackend name) of a domain's disk number `index`."""
+    return f"vbd{index}"
+
+
 IDE_SLOTS = {"a": (0, 0), "b": (0, 1), "c": (1, 0), "d": (1, 1)}
 
 
@@ -121,7 +126,7 @@ class Disk:
 
     @property
     def node(self) -> str:
-        return f"vbd{self.index}"
+        return drive_id(self.index)
 
     def _ide_slot(self) -> tuple[int, int]:
         letter = self.spec.vdev.rstrip("0123456789")[-1:]
