@@ -36,7 +36,7 @@ def _key(binary: str) -> str:
     return f"{platform.release()}|{binary}|{build}"
 
 
-def probe_kvm(binary: str, kernel: Path, ramdisk: Path, timeout: float = 20.0) -> tuple[bool, str]:
+def probe_kvm(binary: str, kernel: Path, ramdisk: Path, timeout: float = 10.0) -> tuple[bool, str]:
     """Boot the probe guest under KVM; True only if it reaches its ready line in time."""
     try:
         fd = os.open("/dev/kvm", os.O_RDWR)
