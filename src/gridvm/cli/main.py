@@ -16,6 +16,7 @@ from gridvm.cli.lab import lab_app
 from gridvm.cli.network import network_app
 from gridvm.cli.resources import register as register_resource_verbs
 from gridvm.cli.target import resolve_home
+from gridvm.cli.top import top
 from gridvm.config.xmfile import load_config
 from gridvm.errors import ConfigError, GridvmError
 from gridvm.paths import Home
@@ -25,6 +26,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 image_app = typer.Typer(no_args_is_help=True, help="Guest images.")
 app.add_typer(image_app, name="image")
 register_resource_verbs(app)
+app.command("top")(top)
 app.add_typer(network_app, name="network")
 app.add_typer(lab_app, name="lab")
 
