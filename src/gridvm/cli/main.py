@@ -295,7 +295,7 @@ def log(lines: Annotated[int, typer.Option("-n")] = 200) -> None:
 
 
 @image_app.command("build")
-def image_build(name: str = "tiny",
+def image_build(name: Annotated[str, typer.Argument(help="recipe")] = "tiny",
                 force: Annotated[bool, typer.Option("--force")] = False) -> None:
     """Build a guest image into the image store (idempotent)."""
     from gridvm.images.tiny import build_tiny
