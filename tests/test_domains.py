@@ -214,6 +214,7 @@ def test_dry_run_prints_normalized_domain(host: HostEnv) -> None:
     data = json.loads(host.gridvm("create", "--dry-run", str(cfg)).stdout)
     assert data["name"] == "dry1" and data["memory"] == 128 and data["type"] == "pv"
     assert data["vifs"][0]["mac"].startswith("00:16:3e:")
+    assert f"ip={data['net']['ip']}:" in data["cmdline"]
     assert data["actions"] == {"on_poweroff": "destroy", "on_reboot": "restart",
                                "on_crash": "restart"}
     assert host.domains() == [] or all(d["name"] != "dry1" for d in host.domains())

@@ -92,7 +92,11 @@ def create(
         from gridvm.config.macs import assign_macs
         from gridvm.config.model import DomainConfig
 
-        emit_json(assign_macs(DomainConfig.model_validate(cfg), ()).model_dump(mode="json"))
+        domain = assign_macs(DomainConfig.model_validate(cfg), ())
+        normalized = domain.model_dump(mode="json")
+        if domain.type != "hvm":  # the command line the guest kernel will really get
+            normalized["cmdline"] = domain.kernel_cmdline()
+        emit_json(normalized)
         return
     view = client().post("/domains", {"config": cfg, "paused": paused})
     if as_json:
