@@ -14,9 +14,11 @@ import uvicorn
 from pyroute2 import netns as pyroute2_netns
 
 from gridvm.api.app import make_app
+from gridvm.api.routes_services import service_router
 from gridvm.errors import GridvmError
 from gridvm.host.manager import HostManager
 from gridvm.host.networks import NetworkManager
+from gridvm.lb.services import ServiceManager
 from gridvm.paths import Home
 from gridvm.store.sqlite import SqliteStore
 
@@ -56,12 +58,17 @@ async def serve(home: Home, accel: str) -> None:
     await net.start()  # rebuild networks and reconcile leftovers before domains are adopted
     sock = home.api_socket
     sock.unlink(missing_ok=True)
-    config = uvicorn.Config(make_app(manager), uds=str(sock), log_level="warning",
+    services = ServiceManager(manager)
+    app = make_app(manager)
+    app.include_router(service_router(services))
+    await services.start()  # health checks; the nft table and VIPs outlive the daemon
+    config = uvicorn.Config(app, uds=str(sock), log_level="warning",
                             lifespan="on", timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
     try:
         await server.serve()
     finally:
+        await services.close()
         sock.unlink(missing_ok=True)
         store.close()
 

@@ -15,6 +15,7 @@ from gridvm.api.client import Client
 from gridvm.cli.lab import lab_app
 from gridvm.cli.network import network_app
 from gridvm.cli.resources import register as register_resource_verbs
+from gridvm.cli.service import service_app
 from gridvm.cli.target import resolve_home
 from gridvm.cli.top import top
 from gridvm.config.xmfile import load_config
@@ -29,6 +30,7 @@ register_resource_verbs(app)
 app.command("top")(top)
 app.add_typer(network_app, name="network")
 app.add_typer(lab_app, name="lab")
+app.add_typer(service_app, name="service")
 
 out = Console()
 err = Console(stderr=True)

@@ -1,0 +1,370 @@
+"""The virtual services of one gridvmd: validation, health checking, programming, VIPs.
+
+Services are kept in the store (meta key `services`) and rebuilt when gridvmd starts; the
+nft table and the VIPs outlive gridvmd, like guests do, so a daemon restart drops no
+connection. Each service has one asyncio task that checks all its backends every
+`interval` (fixed cadence, each probe bounded to 80% of the interval), feeds rise/fall
+hysteresis, and reprograms the service's map in one nft transaction when the set of
+backends that may take new connections changes.
+
+Backends are domains: their addresses come from gridvm on every round (config `ip`, vif
+`ip=`, NAT network lease), so a restarted domain stays a backend. A backend whose domain
+is known not to run leaves rotation at once; otherwise the checks decide.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol
+
+from gridvm.errors import ConfigError, Conflict, GridvmError, NotFound
+from gridvm.host import netdevs
+from gridvm.host.manager import HostManager
+from gridvm.host.networks import NetworkManager, host_tag, vif_ip
+from gridvm.lb import conntrack, vip
+from gridvm.lb.director import Director, Programmed
+from gridvm.lb.health import Hysteresis, probe
+from gridvm.lb.model import Backend, ServiceSpec, Target, check_weight
+from gridvm.store.records import DomainRecord
+
+log = logging.getLogger("gridvm.lb")
+
+META_KEY = "services"
+
+
+class Location(NamedTuple):
+    """Where a backend domain is: its address (if known) and whether it runs."""
+
+    ip: str | None
+    running: bool
+    host: str | None = None
+
+
+class Resolver(Protocol):
+    """Finds backend domains (this host's store; the cluster's when there is one)."""
+
+    async def locate(self, domain: str) -> Location | None:
+        """None if no such domain exists."""
+        ...
+
+
+def domain_address(rec: DomainRecord, nets: NetworkManager | None) -> str | None:
+    """A domain's first IPv4 address gridvm knows: config/vif `ip`, else its NAT lease."""
+    for i, v in enumerate(rec.config.vifs):
+        ip = vif_ip(rec, i, v)
+        if ip:
+            return ip
+    if nets is not None:
+        for v in rec.config.vifs:
+            net = nets.nets.get(v.bridge or "")
+            if net is not None and v.mac:
+                if v.mac in net.leases:
+                    return net.leases[v.mac]
+                for lease in nets.view(net).get("leases", []):
+                    if lease["mac"] == v.mac:
+                        return str(lease["ip"])
+    return None
+
+
+class LocalResolver:
+    """Backends on this host."""
+
+    def __init__(self, manager: HostManager) -> None:
+        self.manager = manager
+
+    async def locate(self, domain: str) -> Location | None:
+        rec = self.manager.store.by_name(domain)
+        if rec is None:
+            return None
+        nets = self.manager.net if isinstance(self.manager.net, NetworkManager) else None
+        return Location(domain_address(rec, nets), rec.domid is not None)
+
+
+@dataclass
+class BackendState:
+    """What the checker knows about one backend."""
+
+    hyst: Hysteresis
+    ip: str | None = None
+    host: str | None = None
+    last: str = "not checked yet"
+    checks: int = 0
+    failed: int = 0
+    since: float = field(default_factory=time.time)
+
+
+@dataclass
+class Runtime:
+    spec: ServiceSpec
+    states: dict[str, BackendState]
+    programmed: Programmed | None = None
+    task: asyncio.Task[None] | None = None
+
+
+class ServiceManager:
+    """All virtual services of one gridvmd."""
+
+    def __init__(self, manager: HostManager, resolver: Resolver | None = None) -> None:
+        self.manager = manager
+        self.store = manager.store
+        self.resolver: Resolver = resolver or LocalResolver(manager)
+        self.director = Director(host_tag(manager.home))
+        self.services: dict[str, Runtime] = {}
+        self.vips: dict[str, str] = {}          # VIP address -> interface we added it to
+        self._lock = asyncio.Lock()
+
+    # ----- persistence and lifecycle ----------------------------------------------------------
+
+    def _save(self) -> None:
+        self.store.set_meta(META_KEY, json.dumps({
+            "services": [rt.spec.model_dump(mode="json") for rt in self.services.values()],
+            "vips": self.vips}))
+
+    def _runtime(self, spec: ServiceSpec) -> Runtime:
+        return Runtime(spec, {b.domain: BackendState(Hysteresis(spec.rise, spec.fall))
+                              for b in spec.backends})
+
+    async def start(self) -> None:
+        """Rebuild the table from the stored services (after one round of checks)."""
+        raw = self.store.get_meta(META_KEY)
+        data: dict[str, Any] = json.loads(raw) if raw else {}
+        async with self._lock:
+            for item in data.get("services", []):
+                spec = ServiceSpec.model_validate(item)
+                self.services[spec.name] = self._runtime(spec)
+            self.vips = dict(data.get("vips", {}))
+            await asyncio.gather(*(self._round(rt, program=False)
+                                   for rt in self.services.values()))
+            try:
+                programs = [self._programmed(rt) for rt in self.services.values()]
+                await asyncio.to_thread(self.director.rebuild, programs)
+                for rt, p in zip(self.services.values(), programs, strict=True):
+                    rt.programmed = p
+                if self.services:
+                    await asyncio.to_thread(netdevs.enable_forwarding)
+                for addr in {rt.spec.vip for rt in self.services.values()}:
+                    await self._claim(addr)
+            except GridvmError as exc:
+                log.error("cannot rebuild virtual services: %s", exc)
+        for rt in self.services.values():
+            rt.task = asyncio.create_task(self._run(rt), name=f"lb-{rt.spec.name}")
+
+    async def close(self) -> None:
+        """Stop checking; the kernel keeps forwarding as programmed."""
+        tasks = [rt.task for rt in self.services.values() if rt.task]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _claim(self, addr: str) -> None:
+        if await asyncio.to_thread(vip.present, addr) is None:
+            ifname = await asyncio.to_thread(vip.add, addr)
+            if ifname:
+                self.vips[addr] = ifname
+                self._save()
+                log.info("VIP %s added on %s", addr, ifname)
+
+    async def _release(self, addr: str) -> None:
+        ifname = self.vips.pop(addr, None)
+        if ifname:
+            await asyncio.to_thread(vip.remove, addr, ifname)
+            log.info("VIP %s removed from %s", addr, ifname)
+
+    # ----- checking -----------------------------------------------------------------------------
+
+    async def _run(self, rt: Runtime) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time()
+        while True:
+            deadline += rt.spec.interval
+            try:
+                await self._round(rt)
+            except GridvmError as exc:
+                log.error("%s: %s", rt.spec.name, exc)
+            except Exception:
+                log.exception("%s: health round failed", rt.spec.name)
+            await asyncio.sleep(max(0.0, deadline - loop.time()))
+
+    async def _round(self, rt: Runtime, *, program: bool = True) -> None:
+        """Check every backend once; reprogram the service if its usable set changed."""
+        spec = rt.spec
+        timeout = max(0.05, min(spec.interval * 0.8, 5.0))
+
+        async def one(b: Backend) -> bool:
+            st = rt.states[b.domain]
+            loc = await self.resolver.locate(b.domain)
+            if loc is None or not loc.running or loc.ip is None:
+                st.last = ("domain does not exist" if loc is None else
+                           "domain is not running" if not loc.running else "no address known")
+                st.ip = loc.ip if loc else st.ip
+                changed = st.hyst.force_down()
+            else:
+                moved = (loc.ip, loc.host) != (st.ip, st.host)
+                st.ip, st.host = loc.ip, loc.host
+                why = await probe(spec.health, loc.ip, spec.target_port(b), timeout)
+                st.checks += 1
+                st.failed += why is not None
+                st.last = why or "ok"
+                changed = st.hyst.feed(why is None) or (moved and bool(st.hyst.up))
+            if changed:
+                st.since = time.time()
+                log.info("%s: backend %s is %s (%s)", spec.name, b.domain,
+                         "up" if st.hyst.up else "down", st.last)
+            return changed
+
+        results = await asyncio.gather(*(one(b) for b in spec.backends))
+        if program and any(results):
+            async with self._lock:
+                if self.services.get(spec.name) is rt:
+                    await self._program(rt)
+
+    def _programmed(self, rt: Runtime) -> Programmed:
+        spec = rt.spec
+        targets = tuple(Target(st.ip, spec.target_port(b), b.weight)
+                        for b in spec.backends
+                        if (st := rt.states[b.domain]).hyst.up and st.ip and not b.drained)
+        return Programmed(spec.name, spec.vip, spec.port, spec.scheduler, targets)
+
+    async def _program(self, rt: Runtime, *, new: bool = False) -> None:
+        p = self._programmed(rt)
+        if p != rt.programmed or new:
+            await asyncio.to_thread(self.director.program, p, new=new)
+            rt.programmed = p
+
+    # ----- the API's verbs ----------------------------------------------------------------------
+
+    def get(self, name: str) -> Runtime:
+        rt = self.services.get(name)
+        if rt is None:
+            raise NotFound(f"virtual service {name!r} does not exist")
+        return rt
+
+    async def create(self, spec: ServiceSpec) -> dict[str, Any]:
+        """Check, program and announce a new service; on failure nothing of it remains."""
+        async with self._lock:
+            await self._validate_new(spec)
+            rt = self._runtime(spec)
+            await self._round(rt, program=False)
+            self.services[spec.name] = rt
+            try:
+                await asyncio.to_thread(netdevs.enable_forwarding)
+                await self._program(rt, new=True)
+                await self._claim(spec.vip)
+            except BaseException:
+                del self.services[spec.name]
+                with contextlib.suppress(GridvmError):
+                    await self._remove(rt)
+                raise
+            self._save()
+            rt.task = asyncio.create_task(self._run(rt), name=f"lb-{spec.name}")
+            log.info("%s: created %s %s over %s", spec.name, spec.address, spec.scheduler,
+                     ", ".join(b.domain for b in spec.backends))
+        return await self.view(spec.name)
+
+    async def _validate_new(self, spec: ServiceSpec) -> None:
+        if spec.name in self.services:
+            raise Conflict(f"virtual service {spec.name!r} already exists")
+        for rt in self.services.values():
+            if (rt.spec.vip, rt.spec.port) == (spec.vip, spec.port):
+                raise Conflict(f"VIP {spec.address} is already used by service {rt.spec.name}")
+        for rec in self.store.all():
+            nets = self.manager.net if isinstance(self.manager.net, NetworkManager) else None
+            if domain_address(rec, nets) == spec.vip:
+                raise Conflict(f"VIP {spec.vip} is the address of domain {rec.name}")
+        for b in spec.backends:
+            loc = await self.resolver.locate(b.domain)
+            if loc is None:
+                raise NotFound(f"backend domain {b.domain!r} does not exist")
+            if loc.ip == spec.vip:
+                raise Conflict(f"VIP {spec.vip} is the address of backend {b.domain}")
+
+    async def _remove(self, rt: Runtime) -> None:
+        """Take the service's rules, map elements and (if unshared) VIP away."""
+        remaining = [r.programmed or self._programmed(r) for r in self.services.values()]
+        await asyncio.to_thread(self.director.remove, self._programmed(rt),
+                                remaining=remaining)
+        if all(r.spec.vip != rt.spec.vip for r in self.services.values()):
+            await self._release(rt.spec.vip)
+
+    async def delete(self, name: str) -> None:
+        async with self._lock:
+            rt = self.get(name)
+            if rt.task:
+                rt.task.cancel()
+                await asyncio.gather(rt.task, return_exceptions=True)
+            del self.services[name]
+            try:
+                await self._remove(rt)
+            finally:
+                self._save()
+            log.info("%s: deleted", name)
+
+    async def set_weight(self, name: str, domain: str, weight: int) -> dict[str, Any]:
+        async with self._lock:
+            rt = self.get(name)
+            b = rt.spec.backend(domain)
+            check_weight(weight)
+            if rt.spec.scheduler == "rr" and weight > 1:
+                raise ConfigError(f"service {name} is rr: weights are 0 (no new connections) "
+                                  "or 1; use a wrr, sh or random service for weights")
+            old, b.weight = b.weight, weight
+            try:
+                await self._program(rt)
+            except BaseException:
+                b.weight = old
+                raise
+            self._save()
+        return await self.view(name)
+
+    async def drain(self, name: str, domain: str, *, undo: bool = False) -> dict[str, Any]:
+        """Send no new connections to `domain` (open ones finish); `undo` takes it back."""
+        async with self._lock:
+            rt = self.get(name)
+            b = rt.spec.backend(domain)
+            old, b.drained = b.drained, not undo
+            try:
+                await self._program(rt)
+            except BaseException:
+                b.drained = old
+                raise
+            self._save()
+            log.info("%s: backend %s %s", name, domain, "back in rotation" if undo else
+                     "draining")
+        return await self.view(name)
+
+    # ----- views --------------------------------------------------------------------------------
+
+    async def view(self, name: str) -> dict[str, Any]:
+        rt = self.get(name)
+        spec = rt.spec
+        conns = await asyncio.to_thread(conntrack.counts, spec.vip, spec.port)
+        backends = []
+        for b in spec.backends:
+            st = rt.states[b.domain]
+            port = spec.target_port(b)
+            active, inactive = conns.get((st.ip or "", port), (0, 0))
+            if b.drained:
+                state = "draining" if active else "drained"
+            else:
+                state = {True: "up", False: "down", None: "unknown"}[st.hyst.up]
+            backends.append({
+                "domain": b.domain, "ip": st.ip, "port": port, "host": st.host,
+                "weight": b.weight, "state": state, "drained": b.drained,
+                "in_rotation": any(t.ip == st.ip and t.port == port
+                                   for t in (rt.programmed.targets if rt.programmed else ())),
+                "last_check": st.last, "checks": st.checks, "failed": st.failed,
+                "since": round(st.since, 3), "active": active, "inactive": inactive,
+            })
+        return {"name": spec.name, "vip": spec.vip, "port": spec.port,
+                "address": spec.address, "scheduler": spec.scheduler, "check": spec.check,
+                "interval": spec.interval, "rise": spec.rise, "fall": spec.fall,
+                "vip_interface": self.vips.get(spec.vip), "table": self.director.table,
+                "backends": backends}
+
+    async def views(self) -> list[dict[str, Any]]:
+        return [await self.view(n) for n in sorted(self.services)]
