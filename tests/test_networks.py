@@ -79,6 +79,8 @@ def test_nat_networks_dhcp_masquerade_forwards_isolation_and_crash_recovery(
     assert f"dhcp eth0 bound {n1_ip}" in lab.gridvm("dmesg", "-n", "5000", "n1", host="h1").stdout
     assert "dhcp eth0 bound 10.88.2.50" in lab.gridvm("dmesg", "-n", "5000", "n2",
                                                       host="h1").stdout
+    # DNS: dnsmasq knows the network's domains by name
+    assert lab.fetch(h1, "http://n1/", port=8080) == "status 200\nn1"
 
     # out: to a server on the host side, and masqueraded to the LAN
     with lab.http_server("h1", "10.88.1.1") as log:
