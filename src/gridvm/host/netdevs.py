@@ -10,6 +10,7 @@ import ipaddress
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -38,13 +39,13 @@ class Route:
     gateway: str
 
 
-def _link(msg: object) -> Link:
-    get = msg.get_attr  # type: ignore[attr-defined]
-    info = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")  # type: ignore[attr-defined]
-    return Link(name=str(get("IFLA_IFNAME")), index=int(msg["index"]),  # type: ignore[index]
-                kind=str(info or ""), master=get("IFLA_MASTER"),
-                carrier=bool(get("IFLA_CARRIER")), mac=str(get("IFLA_ADDRESS") or ""),
-                loopback=bool(msg["flags"] & 0x8))  # type: ignore[index]
+def _link(msg: Any) -> Link:
+    """A Link from a pyroute2 ifinfmsg (untyped)."""
+    get = msg.get_attr
+    return Link(name=str(get("IFLA_IFNAME")), index=int(msg["index"]),
+                kind=str(msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND") or ""),
+                master=get("IFLA_MASTER"), carrier=bool(get("IFLA_CARRIER")),
+                mac=str(get("IFLA_ADDRESS") or ""), loopback=bool(msg["flags"] & 0x8))
 
 
 def get_link(name: str) -> Link | None:
@@ -98,6 +99,11 @@ def set_master(name: str, master: str | None) -> None:
 def set_up(name: str) -> None:
     with IPRoute() as ipr:
         ipr.link("set", index=_index(ipr, name), state="up")
+
+
+def set_down(name: str) -> None:
+    with IPRoute() as ipr:
+        ipr.link("set", index=_index(ipr, name), state="down")
 
 
 def delete(name: str) -> None:

@@ -171,6 +171,8 @@ class NetworkManager:
         if br is None:
             log.info("%s: re-creating bridge", net.name)
             self._make_bridge(net)
+            br = netdevs.get_link(net.bridge)
+            assert br is not None
         elif br.kind != "bridge":
             raise GridvmError(f"{net.bridge} exists and is not a bridge")
         else:
@@ -182,7 +184,7 @@ class NetworkManager:
             up = netdevs.get_link(net.uplink)
             if up is None:
                 log.warning("%s: uplink %s is missing", net.name, net.uplink)
-            elif up.master != netdevs.get_link(net.bridge).index:  # type: ignore[union-attr]
+            elif up.master != br.index:
                 self._attach_uplink(net)
             for addr in net.moved_addresses:
                 netdevs.add_address(net.bridge, ipaddress.IPv4Interface(addr))
