@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from hostlab import HostEnv
 
 pytestmark = pytest.mark.guest
