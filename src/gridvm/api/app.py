@@ -12,9 +12,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from gridvm.api.routes_cluster import ClusterRouter, cluster_routes
 from gridvm.api.routes_network import network_router
 from gridvm.api.routes_resources import resource_routes
 from gridvm.api.routes_stats import stats_routes
+from gridvm.cluster.node import ClusterNode
 from gridvm.config.model import DomainConfig
 from gridvm.errors import ConfigError, Conflict, GridvmError, NotFound, QemuError, ResourceError
 from gridvm.host.manager import HostManager
@@ -69,13 +71,18 @@ def make_app(manager: HostManager) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await node.resume()  # a clustered home rejoins before its domains are re-adopted
         await manager.start()
         try:
             yield
         finally:
             await manager.close()
+            await node.close()
 
+    node = ClusterNode(manager)
     app = FastAPI(title="gridvmd", lifespan=lifespan)
+    app.add_middleware(ClusterRouter, node=node)
+    app.include_router(cluster_routes(node))
     m = manager
     app.include_router(resource_routes(m))
     app.include_router(stats_routes(m))

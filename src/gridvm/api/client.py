@@ -20,10 +20,11 @@ class DaemonNotRunning(GridvmError):
 
 
 class Client:
-    def __init__(self, home: Home, timeout: float = 120) -> None:
+    def __init__(self, home: Home, timeout: float = 120,
+                 headers: dict[str, str] | None = None) -> None:
         self.home = home
         self._http = httpx.Client(transport=httpx.HTTPTransport(uds=str(home.api_socket)),
-                                  base_url="http://gridvmd", timeout=timeout)
+                                  base_url="http://gridvmd", timeout=timeout, headers=headers)
 
     def close(self) -> None:
         self._http.close()

@@ -39,6 +39,9 @@ def up(
     subnet: Annotated[str, typer.Option("--subnet", help="the LAN's subnet")] =
     lab.DEFAULT_SUBNET,
     accel: Annotated[str, typer.Option("--accel", help="auto, kvm or tcg")] = "auto",
+    cluster: Annotated[bool, typer.Option("--cluster", help="run etcd, join every host")] =
+    False,
+    ttl: Annotated[int, typer.Option("--ttl", help="hosts' lease TTL (with --cluster)")] = 5,
     as_json: JsonOpt = False,
 ) -> None:
     """Start a lab: hosts h1…hN, each with a gridvmd and bridge network xenbr0 on the LAN."""
@@ -46,7 +49,8 @@ def up(
 
     t0 = time.monotonic()
     state = lab.plan(name, hosts, root=State.home.root / "labs" / name,
-                     images=State.home.images, accel=accel, subnet=subnet)
+                     images=State.home.images, accel=accel, subnet=subnet,
+                     cluster=cluster, ttl=ttl)
     lab.up(state)
     if as_json:
         emit_json(lab.status(state))
@@ -99,3 +103,20 @@ def restart(
     """Restart a host's gridvmd (guests keep running; networks are reconciled)."""
     h = lab.restart_daemon(lab.pick(name), host, kill=kill)
     _print(f"{host}: gridvmd restarted (pid {h.pid})")
+
+
+def _fault(verb: str, doc: str) -> None:
+    def command(host: str, name: NameOpt = None) -> None:
+        from gridvm.lab import cluster
+
+        getattr(cluster, verb)(lab.pick(name), host)
+        _print(f"{host}: {verb}")
+
+    command.__doc__ = doc
+    lab_app.command(verb)(command)
+
+
+_fault("poweroff", "Pull a host's plug: cut its link, kill its gridvmd and every QEMU.")
+_fault("poweron", "Reconnect a powered-off host and start its gridvmd.")
+_fault("partition", "Cut a host off the LAN and etcd; everything on it keeps running.")
+_fault("heal", "Reconnect a partitioned host.")

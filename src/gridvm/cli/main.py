@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gridvm.api.client import Client
+from gridvm.cli.cluster import cluster_app, host_app
 from gridvm.cli.lab import lab_app
 from gridvm.cli.network import network_app
 from gridvm.cli.resources import register as register_resource_verbs
@@ -30,6 +31,8 @@ register_resource_verbs(app)
 app.command("top")(top)
 app.add_typer(network_app, name="network")
 app.add_typer(lab_app, name="lab")
+app.add_typer(cluster_app, name="cluster")
+app.add_typer(host_app, name="host")
 app.add_typer(service_app, name="service")
 
 out = Console()
@@ -87,6 +90,8 @@ def create(
     console_: Annotated[bool, typer.Option("-c", help="attach the console")] = False,
     paused: Annotated[bool, typer.Option("-p", "--paused", help="leave it paused")] = False,
     as_json: JsonOpt = False,
+    on_host: Annotated[str | None, typer.Option(
+        "--host", help="in a cluster: run it on this host (skips placement)")] = None,
 ) -> None:
     """Create and start a domain from an xm/xl config file."""
     cfg = read_config(file, variables or [])
@@ -100,11 +105,13 @@ def create(
             normalized["cmdline"] = domain.kernel_cmdline()
         emit_json(normalized)
         return
-    view = client().post("/domains", {"config": cfg, "paused": paused})
+    view = client().post("/domains", {"config": cfg, "paused": paused},
+                         params={"host": on_host} if on_host else None)
     if as_json:
         emit_json(view)
     else:
-        out.print(f"Started domain {view['name']} (id={view['domid']})", highlight=False)
+        on = f" on {view['host']}" if "host" in view else ""
+        out.print(f"Started domain {view['name']} (id={view['domid']}){on}", highlight=False)
     if console_:
         attach_console(view["name"])
 
@@ -221,17 +228,22 @@ def list_(
         emit_json(views)
         return
     table = Table(box=None, pad_edge=False, show_edge=False)
+    clustered = any("host" in v for v in views)  # a cluster lists every host's domains
     for col, just in (("Name", "left"), ("ID", "right"), ("Mem", "right"),
-                      ("VCPUs", "right"), ("State", "left"), ("Time(s)", "right")):
-        table.add_column(col, justify=just)  # type: ignore[arg-type]
-    if not doms:
+                      ("VCPUs", "right"), ("State", "left"), ("Time(s)", "right"),
+                      *((("Host", "left"),) if clustered else ())):
+        table.add_column(col, justify=just)
+    if not doms and not clustered:
         info = c.get("/info")
         table.add_row("Domain-0", "0", str(info["total_memory"]), str(info["nr_cpus"]),
                       "r-----", "-")
     for v in views:
         table.add_row(v["name"], "-" if v["domid"] is None else str(v["domid"]),
                       str(v["memory"]), str(v["vcpus"]), FLAGS.get(v["state"], v["state"]),
-                      f"{v['cpu_time']:.1f}")
+                      f"{v['cpu_time']:.1f}",
+                      *((f"{v.get('host', '-')}"
+                         + (f" ({v['host_state']})" if v.get("host_state") else ""),)
+                        if clustered else ()))
     out.print(table, highlight=False)
 
 

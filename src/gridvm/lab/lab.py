@@ -67,6 +67,8 @@ class LabState(BaseModel):
     client: LabClient
     hosts: list[LabHost]
     ready: bool = False
+    etcd: LabClient | None = None   # with --cluster: etcd's namespace and LAN address
+    ttl: int = 5                    # the hosts' lease TTL in a cluster
 
     def host(self, name: str) -> LabHost:
         for h in self.hosts:
@@ -76,7 +78,8 @@ class LabState(BaseModel):
                        f"(hosts: {', '.join(h.name for h in self.hosts)})")
 
     def namespaces(self) -> list[str]:
-        return [self.lan_ns, self.client.ns, *(h.ns for h in self.hosts)]
+        return [self.lan_ns, self.client.ns, *(h.ns for h in self.hosts),
+                *([self.etcd.ns] if self.etcd else [])]
 
 
 def state_path(name: str) -> Path:
@@ -131,7 +134,7 @@ def find_host(ref: str) -> tuple[LabState, LabHost]:
 
 
 def plan(name: str, hosts: int, *, root: Path, images: Path, accel: str,
-         subnet: str = DEFAULT_SUBNET) -> LabState:
+         subnet: str = DEFAULT_SUBNET, cluster: bool = False, ttl: int = 5) -> LabState:
     """What `up` will make; validates the request."""
     if not NAME_RE.match(name):
         raise ConfigError(f"invalid lab name {name!r}: a lowercase letter then up to 11 "
@@ -154,6 +157,7 @@ def plan(name: str, hosts: int, *, root: Path, images: Path, accel: str,
         client=LabClient(ns=f"{name}-client", address=addr(2)),
         hosts=[LabHost(name=f"h{i}", ns=f"{name}-h{i}", address=addr(10 + i),
                        home=str(root.absolute() / f"h{i}")) for i in range(1, hosts + 1)],
+        etcd=LabClient(ns=f"{name}-etcd", address=addr(3)) if cluster else None, ttl=ttl,
     )
 
 
@@ -176,6 +180,10 @@ def up(state: LabState) -> LabState:
             pids = list(pool.map(lambda h: _start_host(state, h, network=True), state.hosts))
         for h, pid in zip(state.hosts, pids, strict=True):
             h.pid = pid
+        if state.etcd:
+            from gridvm.lab.cluster import start_cluster
+
+            start_cluster(state)
         state.ready = True
         save(state)
     except BaseException:
@@ -190,6 +198,8 @@ def _make_lan(state: LabState) -> None:
         netns.create(ns)
     members = [(h.name, h.ns, h.address) for h in state.hosts]
     members.append(("client", state.client.ns, state.client.address))
+    if state.etcd:
+        members.append(("etcd", state.etcd.ns, state.etcd.address))
 
     def lan() -> None:
         netdevs.set_up("lo")

@@ -1,0 +1,229 @@
+"""The cluster API (/v1/cluster/…) and the router that makes domain verbs cluster-wide.
+
+`ClusterRouter` wraps the gridvmd app. On a clustered host, and for requests not already
+routed (header x-gridvm-local), it:
+
+* `GET /v1/domains`: lists every live host's domains (each view gets "host"), plus the
+  registry's records of domains on hosts that are down;
+* `POST /v1/domains`: checks the name cluster-wide, places the domain (`?host=H` forces
+  a host) and sends the request to that host's gridvmd;
+* `/v1/domains/{ref}[/…]`: when `ref` is not a local domain, forwards the request to the
+  gridvmd of the host that has it.
+Everything else reaches the local API unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.parse
+from typing import Any
+
+import httpx
+from fastapi import APIRouter
+from pydantic import BaseModel
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from gridvm.cluster.node import LOCAL_HEADER, ClusterNode
+from gridvm.cluster.placement import Demand, loads_from, place, why_not
+from gridvm.cluster.settings import ClusterConfig
+from gridvm.config.model import DomainConfig
+from gridvm.errors import Conflict, GridvmError, NotFound, ResourceError
+
+
+class MaintenanceRequest(BaseModel):
+    on: bool
+
+
+def cluster_routes(node: ClusterNode) -> APIRouter:
+    router = APIRouter(prefix="/v1/cluster")
+
+    @router.get("")
+    async def status() -> dict[str, Any]:
+        return await asyncio.to_thread(node.status)
+
+    @router.post("/join")
+    async def join(cfg: ClusterConfig) -> dict[str, Any]:
+        return await node.join(cfg)
+
+    @router.get("/hosts")
+    async def hosts() -> list[dict[str, Any]]:
+        return await asyncio.to_thread(host_list, node)
+
+    @router.post("/hosts/{name}/maintenance")
+    async def maintenance(name: str, req: MaintenanceRequest) -> dict[str, Any]:
+        return await asyncio.to_thread(set_maintenance, node, name, req.on)
+
+    return router
+
+
+def host_list(node: ClusterNode) -> list[dict[str, Any]]:
+    """Every joined host: state, capacity, load and domains."""
+    _, cluster = node.need()
+    states = cluster.host_states()
+    caps = cluster.capacity()
+    registry = cluster.domains()
+    loads = loads_from(states, caps, registry)
+    leader = node.election.leader() if node.election else None
+    rows = []
+    for name, state in sorted(states.items()):
+        load, cap = loads[name], caps.get(name, {})
+        rows.append({
+            "name": name, "state": state, "leader": name == leader,
+            "cpus": cap.get("cpus"), "memory_mb": cap.get("memory_mb"),
+            "used_mb": load.used_mb, "used_cpu": round(load.used_cpu, 2),
+            "load": cap.get("load"), "domains": sorted(
+                str(r["name"]) for r in registry.values() if r.get("host") == name)})
+    return rows
+
+
+def set_maintenance(node: ClusterNode, name: str, on: bool) -> dict[str, Any]:
+    _, cluster = node.need()
+    key = cluster.key("hosts", name)
+    rec = cluster.etcd.get_json(key)
+    if rec is None:
+        raise NotFound(f"unknown host {name!r} (hosts: {', '.join(cluster.hosts())})")
+    cluster.etcd.put_json(key, {**rec, "maintenance": on})
+    return {"host": name, "maintenance": on}
+
+
+def choose_host(node: ClusterNode, cfg: DomainConfig, forced: str | None) -> str:
+    """The host a new domain goes to (placement, or the forced one if it can run it)."""
+    ccfg, cluster = node.need()
+    existing = cluster.find_domain(cfg.name)
+    if existing is not None:
+        raise Conflict(f"domain name {cfg.name!r} is already in use in the cluster "
+                       f"on host {existing.get('host')}")
+    states = cluster.host_states()
+    loads = loads_from(states, cluster.capacity(), cluster.domains())
+    demand = Demand.of(cfg)
+    if forced:
+        if forced not in loads:
+            raise NotFound(f"unknown host {forced!r} (hosts: {', '.join(sorted(loads))})")
+        if loads[forced].state != "up":  # forcing skips placement, not host health
+            why = why_not(demand, loads[forced], cpu_ratio=ccfg.cpu_ratio)
+            raise ResourceError(f"host {forced} cannot take domain {cfg.name}: {why}")
+        return forced
+    return place(demand, list(loads.values()), cpu_ratio=ccfg.cpu_ratio).name
+
+
+class ClusterRouter:
+    """ASGI middleware: routes domain requests to the host that has (or will have) them."""
+
+    def __init__(self, app: ASGIApp, node: ClusterNode) -> None:
+        self.app = app
+        self.node = node
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.node.joined or any(
+                k.decode().lower() == LOCAL_HEADER for k, _ in scope.get("headers", [])):
+            await self.app(scope, receive, send)
+            return
+        path, method = scope["path"], scope["method"]
+        try:
+            if path == "/v1/domains" and method == "GET":
+                resp: Response | None = JSONResponse(await self._list())
+            elif path == "/v1/domains" and method == "POST":
+                resp = await self._create(scope, await _body(receive))
+            elif path.startswith("/v1/domains/"):
+                resp = await self._route(scope, receive, path.split("/")[3])
+            else:
+                resp = None
+        except GridvmError as exc:
+            from gridvm.api.app import status_for
+
+            resp = JSONResponse({"error": str(exc), "type": type(exc).__name__},
+                                status_code=status_for(exc))
+        if resp is None:
+            await self.app(scope, receive, send)
+        else:
+            await resp(scope, receive, send)
+
+    async def _proxy(self, host: str, method: str, path: str, body: bytes = b"",
+                     query: str = "") -> Response:
+        sock = await asyncio.to_thread(self.node.peer_socket, host)
+        transport = httpx.AsyncHTTPTransport(uds=str(sock))
+        async with httpx.AsyncClient(transport=transport, base_url="http://gridvmd",
+                                     timeout=900) as c:
+            try:
+                r = await c.request(method, path + (f"?{query}" if query else ""), content=body,
+                                    headers={LOCAL_HEADER: "1",
+                                             "content-type": "application/json"})
+            except httpx.HTTPError as exc:
+                raise GridvmError(f"host {host}'s gridvmd does not answer: {exc}") from exc
+        return Response(r.content, status_code=r.status_code, media_type="application/json")
+
+    async def _list(self) -> list[dict[str, Any]]:
+        _, cluster = self.node.need()
+        states = await asyncio.to_thread(cluster.host_states)
+        live = [h for h, s in sorted(states.items()) if s in ("up", "maintenance")]
+
+        async def one(host: str) -> list[dict[str, Any]]:
+            try:
+                r = await self._proxy(host, "GET", "/v1/domains")
+            except GridvmError:
+                return []
+            views: list[dict[str, Any]] = json.loads(bytes(r.body)) if r.status_code == 200 \
+                else []
+            return [{**v, "host": host} for v in views]
+
+        views = [v for part in await asyncio.gather(*(one(h) for h in live)) for v in part]
+        seen = {v["uuid"] for v in views}
+        registry = await asyncio.to_thread(cluster.domains)
+        for uuid, g in sorted(registry.items(), key=lambda kv: str(kv[1]["name"])):
+            if uuid not in seen and g.get("host") not in live:
+                views.append({"name": g["name"], "uuid": uuid, "domid": None,
+                              "state": g.get("state"), "memory": g.get("memory"),
+                              "vcpus": g.get("vcpus"), "cpu_time": 0.0, "uptime": None,
+                              "host": g.get("host"),
+                              "host_state": states.get(str(g.get("host")), "unknown")})
+        return views
+
+    async def _create(self, scope: Scope, body: bytes) -> Response:
+        try:
+            req = json.loads(body or b"{}")
+            cfg = DomainConfig.model_validate(req["config"])
+        except (ValueError, KeyError, TypeError):
+            return await self._proxy_local(scope, body)  # let the API report the error
+        query = urllib.parse.parse_qs(scope.get("query_string", b"").decode())
+        forced = (query.get("host") or [None])[0]
+        host = await asyncio.to_thread(choose_host, self.node, cfg, forced)
+        resp = await self._proxy(host, "POST", "/v1/domains", body)
+        if resp.status_code == 200:
+            view = json.loads(bytes(resp.body))
+            return JSONResponse({**view, "host": host})
+        return resp
+
+    async def _proxy_local(self, scope: Scope, body: bytes) -> Response:
+        cfg, _ = self.node.need()
+        return await self._proxy(cfg.host, scope["method"], scope["path"], body,
+                                 scope.get("query_string", b"").decode())
+
+    async def _route(self, scope: Scope, receive: Receive, ref: str) -> Response | None:
+        ref = urllib.parse.unquote(ref)
+        try:
+            self.node.m.lookup(ref)
+            return None                          # ours: the local API handles it
+        except NotFound:
+            pass
+        cfg, cluster = self.node.need()
+        rec = await asyncio.to_thread(cluster.find_domain, ref)
+        if rec is None or rec.get("host") == cfg.host:
+            return None                          # unknown: the local API says so
+        host = str(rec["host"])
+        states = await asyncio.to_thread(cluster.host_states)
+        if states.get(host) not in ("up", "maintenance"):
+            raise Conflict(f"domain {rec['name']} is on host {host}, which is "
+                           f"{states.get(host, 'unknown')}")
+        return await self._proxy(host, scope["method"], scope["path"], await _body(receive),
+                                 scope.get("query_string", b"").decode())
+
+
+async def _body(receive: Receive) -> bytes:
+    chunks = []
+    while True:
+        msg = await receive()
+        chunks.append(msg.get("body", b""))
+        if not msg.get("more_body"):
+            return b"".join(chunks)

@@ -1,0 +1,76 @@
+"""A host's cluster settings and the files its gridvmd and watchdog share in the home.
+
+    <home>/cluster/config.json    ClusterConfig (present while the host is in a cluster)
+    <home>/cluster/lease          the host lease id, written by the watchdog on each grant
+    <home>/cluster/fenced         present while the host is fenced (written before killing)
+    <home>/cluster/ha/<domid>     one per running HA domain: what the watchdog kills
+    <home>/cluster/watchdog.pid
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from gridvm.paths import Home
+
+
+class ClusterConfig(BaseModel):
+    etcd: str                                    # e.g. http://10.77.0.3:2379
+    host: str                                    # this host's name in the cluster
+    ttl: int = Field(default=5, ge=2, le=60)     # host lease TTL, seconds
+    margin: float = Field(default=1.0, ge=0)     # HA waits this long after a lease expires
+    capacity_mb: int | None = None               # memory for guests (default: total - 512)
+    cpu_ratio: float = Field(default=4.0, gt=0)  # vCPU overcommit for placement
+    fence_command: str | None = None             # run as `CMD HOST` before restarting
+
+
+class Files:
+    """Paths of the cluster files in one home."""
+
+    def __init__(self, home: Home) -> None:
+        self.dir = home.root / "cluster"
+        self.run = home.run
+
+    @property
+    def config(self) -> Path:
+        return self.dir / "config.json"
+
+    @property
+    def lease(self) -> Path:
+        return self.dir / "lease"
+
+    @property
+    def fenced(self) -> Path:
+        return self.dir / "fenced"
+
+    @property
+    def ha(self) -> Path:
+        return self.dir / "ha"
+
+    @property
+    def pid(self) -> Path:
+        return self.dir / "watchdog.pid"
+
+    @property
+    def log(self) -> Path:
+        return self.dir / "watchdog.log"
+
+    def load(self) -> ClusterConfig | None:
+        try:
+            return ClusterConfig.model_validate_json(self.config.read_text())
+        except FileNotFoundError:
+            return None
+
+    def save(self, cfg: ClusterConfig) -> None:
+        self.ha.mkdir(parents=True, exist_ok=True)
+        tmp = self.config.with_suffix(".tmp")
+        tmp.write_text(cfg.model_dump_json(indent=2) + "\n")
+        tmp.replace(self.config)
+
+    def lease_id(self) -> int | None:
+        try:
+            return int(self.lease.read_text().strip() or 0) or None
+        except (OSError, ValueError):
+            return None
