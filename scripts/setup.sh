@@ -9,6 +9,7 @@ APT_PACKAGES=(
   syslinux syslinux-common mtools dosfstools  # the tiny guest's bootable HVM disk
   iproute2 nftables dnsmasq-base      # bridges, taps, NAT, DHCP
   e2fsprogs socat
+  etcd-server etcd-client             # cluster state (gridvm cluster, lab --cluster)
   haproxy                             # bench/services.py compares virtual services with it
   python3-venv
 )

@@ -79,7 +79,7 @@ def why_not(d: Demand, h: HostLoad, *, cpu_ratio: float = DEFAULT_CPU_RATIO,
             strict_groups: bool = True) -> str | None:
     """Why `h` cannot take `d`, or None if it can."""
     if h.state != "up":
-        return f"host is {h.state}"
+        return "host is in maintenance" if h.state == "maintenance" else f"host is {h.state}"
     if d.pins and h.name not in d.pins:
         return f"not in the domain's hosts ({', '.join(d.pins)})"
     free = h.memory_mb - h.used_mb

@@ -1,0 +1,217 @@
+"""A three-host lab cluster (etcd, lease TTL 3 s): placement, cluster-wide names and verbs,
+HA restart after power loss (also of the HA manager's own host), partitions that never run
+two copies (checked from the guests' side), and bad input."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from netlab import LabEnv
+
+from gridvm.errors import GridvmError
+from gridvm.host import httpprobe, netns, procs
+from gridvm.images.store import ImageInfo
+from gridvm.lab import lab as labmod
+from gridvm.lab.agent import Agent
+
+pytestmark = pytest.mark.guest
+
+TTL = 3
+
+
+@pytest.fixture(scope="module")
+def cl(tiny_image: ImageInfo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabEnv]:
+    tmp = tmp_path_factory.mktemp("cluster")
+    env = LabEnv(f"gc{int(time.time()) % 100000}", tmp / "home", tmp, tiny_image)
+    env.gridvm("lab", "up", "--hosts", "3", "--cluster", "--ttl", str(TTL), "--name",
+               env.name, "--accel", "tcg")
+    try:
+        yield env
+    finally:
+        env.gridvm("lab", "down", "--name", env.name, check=False)
+
+
+def hosts(cl: LabEnv, via: str = "h1") -> dict[str, dict[str, Any]]:
+    rows = json.loads(cl.gridvm("host", "list", "--json", host=via).stdout)
+    return {r["name"]: r for r in rows}
+
+
+def alive_host(cl: LabEnv) -> str:
+    return next(h.name for h in cl.state.hosts if h.pid is not None)
+
+
+def views(cl: LabEnv) -> dict[str, dict[str, Any]]:
+    out = json.loads(cl.gridvm("list", "--json", host=alive_host(cl)).stdout)
+    return {v["name"]: v for v in out}
+
+
+def ha_create(cl: LabEnv, name: str, n: int, *extra: str, group: str = "web") -> str:
+    cfg = cl.write_cfg(name, "bridge=xenbr0", f'ip = "{cl.guest_ip(n)}"\n'
+                       f'netmask = "255.255.255.0"\nha = "restart"\nha_group = "{group}"\n')
+    view = json.loads(cl.gridvm("create", str(cfg), "--json", *extra,
+                                host=alive_host(cl)).stdout)
+    host: str = view["host"]
+    return host
+
+
+def wait_for(what: str, fn: Any, timeout: float = 60) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            got = fn()
+            if got:
+                return got
+        except (GridvmError, OSError, AssertionError):
+            if time.monotonic() > deadline:
+                raise
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.3)
+
+
+def leader(cl: LabEnv) -> str:
+    return str(wait_for("a leader", lambda: next(
+        (n for n, r in hosts(cl, alive_host(cl)).items() if r["leader"]), None)))
+
+
+def qemus(cl: LabEnv, host: str, name: str) -> int:
+    return len([p for p in labmod.namespace_pids(cl.ns(host))
+                if f"process=gridvm:{name}" in " ".join(procs.cmdline(p))])
+
+
+def test_bad_input(cl: LabEnv) -> None:
+    assert "unknown host 'h9' (hosts: h1, h2, h3)" in cl.fails(
+        "create", str(cl.write_cfg("nowhere", "bridge=xenbr0")), "--host", "h9", host="h1")
+    big = cl.write_cfg("huge", "bridge=xenbr0").read_text().replace("memory = 96",
+                                                                     "memory = 9000000")
+    (cl.tmp / "huge.cfg").write_text(big)
+    msg = cl.fails("create", str(cl.tmp / "huge.cfg"), host="h2")
+    assert msg.startswith("no host fits domain huge") and all(
+        f"{h}: memory: needs 9000000 MiB" in msg for h in ("h1", "h2", "h3")), msg
+    assert "unknown host 'h9'" in cl.fails("host", "maintenance", "h9", "on", host="h1")
+    assert "already in the cluster" in cl.fails("cluster", "join", "--etcd",
+                                                "http://10.77.0.3:2379", host="h1")
+    assert views(cl) == {}
+    # a gridvmd outside the cluster (in the lab's client namespace): wrong etcd URLs
+    solo = Agent(cl.tmp / "solo", ns=cl.state.client.ns, accel="tcg")
+    solo.start(timeout=30)
+    try:
+        for url, why in (("http://10.77.0.99:2379", "cannot reach etcd at http://10.77.0.99"),
+                         ("http://127.0.0.1:9", "cannot reach etcd at http://127.0.0.1:9")):
+            t0 = time.monotonic()
+            assert why in cl.fails("--home", str(solo.home.root), "cluster", "join",
+                                   "--etcd", url)
+            assert time.monotonic() - t0 < 10
+        assert not (solo.home.root / "cluster" / "config.json").exists()
+        st = json.loads(cl.gridvm("--home", str(solo.home.root), "cluster", "status",
+                                  "--json").stdout)
+        assert st == {"joined": False}
+    finally:
+        solo.stop()
+
+
+def test_placement_names_and_verbs_across_hosts(cl: LabEnv) -> None:
+    a = ha_create(cl, "spread1", 1, group="spread")
+    b = ha_create(cl, "spread2", 2, group="spread")
+    c = ha_create(cl, "spread3", 3, group="spread")
+    assert sorted([a, b, c]) == ["h1", "h2", "h3"]       # anti-affinity and spread
+    assert "no host fits domain spread4" in cl.fails(
+        "create", str(cl.write_cfg("spread4", "bridge=xenbr0",
+                                   'ha_group = "spread"')), host="h1")
+    # names are cluster-wide; verbs work from any host
+    assert "already in use in the cluster" in cl.fails(
+        "create", str(cl.write_cfg("spread1", "bridge=xenbr0")), host="h3")
+    other = next(h for h in ("h1", "h2", "h3") if h != a)
+    assert views(cl)["spread1"]["host"] == a
+    cl.gridvm("pause", "spread1", host=other)
+    assert views(cl)["spread1"]["state"] == "paused"
+    cl.gridvm("unpause", "spread1", host=other)
+    for name in ("spread1", "spread2", "spread3"):
+        cl.gridvm("destroy", name, host=other)
+    assert views(cl) == {}
+    assert all(not r["domains"] for r in hosts(cl).values())
+
+
+def test_partition_never_runs_two_copies(cl: LabEnv) -> None:
+    boss = leader(cl)
+    victim = next(h for h in ("h1", "h2", "h3") if h != boss)
+    ha_create(cl, "db1", 10, "--host", victim)
+    ip = cl.guest_ip(10)
+    first = cl.wait_http(ip)
+    assert first == "db1"
+    boot0 = cl.http(ip, "/bootid")
+
+    seen: list[tuple[float, int, set[str]]] = []
+    stop = threading.Event()
+
+    def watch() -> None:  # every 0.1 s: QEMUs of db1 in every host, and who answers where
+        while not stop.is_set():
+            copies = sum(qemus(cl, h, "db1") for h in ("h1", "h2", "h3"))
+            boots = set()
+            for h in ("h1", "h2", "h3"):
+                with contextlib.suppress(OSError):
+                    boots.add(netns.call_in(cl.ns(h), lambda: httpprobe.http_get(
+                        ip, "/bootid", timeout=0.3)))
+            seen.append((time.monotonic(), copies, boots))
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        cl.gridvm("lab", "partition", victim, "--name", cl.name)
+        wait_for("db1 back elsewhere", lambda: cl.http(ip, "/bootid", timeout=1) != boot0,
+                 timeout=60)
+        assert hosts(cl, boss)[victim]["state"] == "fenced"
+        cl.gridvm("lab", "heal", victim, "--name", cl.name)
+        wait_for("the partitioned host back up",
+                 lambda: hosts(cl, boss)[victim]["state"] == "up", timeout=30)
+        time.sleep(2)
+    finally:
+        stop.set()
+        watcher.join(timeout=10)
+        cl.gridvm("lab", "heal", victim, "--name", cl.name, check=False)
+    assert max(n for _, n, _ in seen) == 1, "two QEMUs of db1 ran at once"
+    assert all(len(b) <= 1 for _, _, b in seen), "two copies of db1 answered at once"
+    assert any(boot0 in b for _, _, b in seen) and any(b and boot0 not in b for _, _, b in seen)
+    assert sum(qemus(cl, h, "db1") for h in ("h1", "h2", "h3")) == 1
+    assert qemus(cl, victim, "db1") == 0
+    v = views(cl)["db1"]
+    assert v["host"] != victim and v["state"] == "running"
+    cl.gridvm("destroy", "db1", host=boss)
+
+
+def test_power_loss_restarts_ha_domains_elsewhere_even_the_managers_host(cl: LabEnv) -> None:
+    boss = leader(cl)
+    others = [h for h in ("h1", "h2", "h3") if h != boss]
+    placed = {ha_create(cl, "web1", 1, "--host", others[0]),
+              ha_create(cl, "web2", 2, "--host", boss)}
+    assert placed == {others[0], boss}
+    for n, name in ((1, "web1"), (2, "web2")):
+        assert cl.wait_http(cl.guest_ip(n)) == name
+
+    # a host that is not the manager's loses power: web1 comes back, away from web2
+    cl.gridvm("lab", "poweroff", others[0], "--name", cl.name)
+    assert cl.wait_http(cl.guest_ip(1), timeout=60) == "web1"
+    v = views(cl)
+    assert v["web1"]["host"] == others[1] and v["web2"]["host"] == boss  # anti-affinity
+    assert hosts(cl, boss)[others[0]]["state"] == "fenced"
+    cl.gridvm("lab", "poweron", others[0], "--name", cl.name)
+    wait_for("power-on host up", lambda: hosts(cl, boss)[others[0]]["state"] == "up")
+
+    # now the HA manager's own host dies: another host is elected and restarts web2
+    cl.gridvm("lab", "poweroff", boss, "--name", cl.name)
+    assert cl.wait_http(cl.guest_ip(2), timeout=60) == "web2"
+    v = views(cl)
+    assert v["web2"]["host"] == others[0], v                # the one without web1
+    assert leader(cl) != boss
+    cl.gridvm("lab", "poweron", boss, "--name", cl.name)
+    wait_for("old manager host back", lambda: hosts(cl, others[1])[boss]["state"] == "up")
+    assert sum(qemus(cl, h, "web2") for h in ("h1", "h2", "h3")) == 1
+    for name in ("web1", "web2"):
+        cl.gridvm("destroy", name, host=others[1])
