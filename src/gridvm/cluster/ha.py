@@ -7,8 +7,9 @@ Each round (every 0.5 s) it:
    heartbeat), runs the fence command if one is configured, and marks the host fenced;
 2. restarts the HA domains of fenced hosts, and HA domains marked lost (stopped
    unexpectedly), by priority then name, on the hosts placement picks (anti-affinity holds
-   whenever room allows). A domain restarted 3 times within 5 minutes is given up
-   (`ha-failed`); a `best-effort` domain gets one try.
+   whenever room allows). A domain that stopped unexpectedly 3 times within 5 minutes is
+   given up (`ha-failed`: the restart-loop guard; host failures do not count); a
+   `best-effort` domain gets one try when no host has room.
 """
 
 from __future__ import annotations
@@ -92,7 +93,8 @@ class HaManager:
         rec, rev = got
         wall = time.time()
         recent = [t for t in rec.get("ha_restarts", []) if wall - t < LOOP_WINDOW_S]
-        if len(recent) >= LOOP_LIMIT:
+        guest_failure = rec.get("state") == "lost"   # host failures do not count
+        if guest_failure and len(recent) >= LOOP_LIMIT:
             log.error("%s: restarted %d times in %.0fs; giving up", name, len(recent),
                       LOOP_WINDOW_S)
             self.cluster.move_domain(uuid, rev, {"state": "ha-failed"})
@@ -109,7 +111,8 @@ class HaManager:
             return
         self.unplaced.discard(uuid)
         from_host = rec.get("host")
-        update = {"host": target.name, "state": "restarting", "ha_restarts": [*recent, wall]}
+        update = {"host": target.name, "state": "restarting",
+                  "ha_restarts": [*recent, wall] if guest_failure else recent}
         if not self.cluster.move_domain(uuid, rev, update):
             return
         target.add(demand)
