@@ -10,6 +10,10 @@ backends that may take new connections changes.
 Backends are domains: their addresses come from gridvm on every round (config `ip`, vif
 `ip=`, NAT network lease), so a restarted domain stays a backend. A backend whose domain
 is known not to run leaves rotation at once; otherwise the checks decide.
+
+A sync task (every 0.25 s) keeps each VIP address on this host exactly while this host owns
+it: always without a cluster; in a cluster (gridvm.lb.clustered) while it wins the VIP's
+etcd election, and it also pulls the cluster's shared service specs.
 """
 
 from __future__ import annotations
@@ -30,11 +34,13 @@ from gridvm.lb import conntrack, vip
 from gridvm.lb.director import Director, Programmed
 from gridvm.lb.health import Hysteresis, probe
 from gridvm.lb.model import Backend, ServiceSpec, Target, check_weight
-from gridvm.store.records import DomainRecord
+from gridvm.store.records import DomainRecord, Store
 
 log = logging.getLogger("gridvm.lb")
 
 META_KEY = "services"
+SYNC_S = 0.25
+SPECS_EVERY = 4            # pull shared specs every 4th sync round
 
 
 class Location(NamedTuple):
@@ -109,14 +115,22 @@ class Runtime:
 class ServiceManager:
     """All virtual services of one gridvmd."""
 
-    def __init__(self, manager: HostManager, resolver: Resolver | None = None) -> None:
+    def __init__(self, manager: HostManager) -> None:
+        from gridvm.lb.clustered import ClusterPeers  # it builds on this module
+
         self.manager = manager
-        self.store = manager.store
-        self.resolver: Resolver = resolver or LocalResolver(manager)
+        self.peers = ClusterPeers(manager)
+        self.resolver: Resolver = self.peers
         self.director = Director(host_tag(manager.home))
         self.services: dict[str, Runtime] = {}
         self.vips: dict[str, str] = {}          # VIP address -> interface we added it to
+        self.shared: set[str] = set()           # names seen in the cluster's specs
         self._lock = asyncio.Lock()
+        self._sync_task: asyncio.Task[None] | None = None
+
+    @property
+    def store(self) -> Store:
+        return self.manager.store               # the cluster layer may swap it
 
     # ----- persistence and lifecycle ----------------------------------------------------------
 
@@ -147,19 +161,84 @@ class ServiceManager:
                     rt.programmed = p
                 if self.services:
                     await asyncio.to_thread(netdevs.enable_forwarding)
-                for addr in {rt.spec.vip for rt in self.services.values()}:
-                    await self._claim(addr)
             except GridvmError as exc:
                 log.error("cannot rebuild virtual services: %s", exc)
         for rt in self.services.values():
             rt.task = asyncio.create_task(self._run(rt), name=f"lb-{rt.spec.name}")
+        self._sync_task = asyncio.create_task(self._sync(), name="lb-sync")
 
     async def close(self) -> None:
-        """Stop checking; the kernel keeps forwarding as programmed."""
+        """Stop checking; the kernel keeps forwarding as programmed.
+
+        In a cluster the VIPs are handed over (elections resigned, addresses removed): a
+        standby director takes them at once rather than after a lease expires."""
         tasks = [rt.task for rt in self.services.values() if rt.task]
+        if self._sync_task:
+            tasks.append(self._sync_task)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self.peers.active():
+            for addr in list(self.vips):
+                await self._release(addr)
+        await self.peers.close()
+
+    async def _sync(self) -> None:
+        n = 0
+        while True:
+            try:
+                if n % SPECS_EVERY == 0 and self.peers.active():
+                    await self._pull()
+                await self._own()
+            except GridvmError as exc:
+                log.error("virtual services sync: %s", exc)
+            except Exception:
+                log.exception("virtual services sync failed")
+            n += 1
+            await asyncio.sleep(SYNC_S)
+
+    async def _own(self) -> None:
+        """Hold exactly the VIPs this host owns."""
+        wanted = {rt.spec.vip for rt in self.services.values()}
+        for addr in sorted(wanted):
+            if self.peers.owner(addr):
+                await self._claim(addr)
+            elif addr in self.vips:
+                await self._release(addr)
+        for addr in set(self.peers.elections) - wanted:
+            await self.peers.release(addr)
+
+    async def _pull(self) -> None:
+        """Make this host's services the cluster's shared specs."""
+        async with self._lock:
+            specs = await self.peers.specs()     # under the lock: no verb is half-published
+            if specs is None:
+                return
+            for name, rt in list(self.services.items()):
+                if name not in specs:
+                    if name in self.shared:            # deleted elsewhere
+                        await self._drop(rt)
+                        log.info("%s: deleted in the cluster", name)
+                    else:                              # made before this host joined
+                        await self.peers.publish(name, rt.spec)
+                elif specs[name] != rt.spec:
+                    rt.spec = specs[name]
+                    for b in rt.spec.backends:
+                        rt.states.setdefault(b.domain, BackendState(
+                            Hysteresis(rt.spec.rise, rt.spec.fall)))
+                    await self._program(rt)
+                    self._save()
+            for name, spec in specs.items():
+                self.shared.add(name)
+                if name not in self.services:
+                    rt = self._runtime(spec)
+                    await self._round(rt, program=False)
+                    self.services[name] = rt
+                    await asyncio.to_thread(netdevs.enable_forwarding)
+                    await self._program(rt, new=True)
+                    self._save()
+                    rt.task = asyncio.create_task(self._run(rt), name=f"lb-{name}")
+                    log.info("%s: added from the cluster", name)
 
     async def _claim(self, addr: str) -> None:
         if await asyncio.to_thread(vip.present, addr) is None:
@@ -254,7 +333,9 @@ class ServiceManager:
             try:
                 await asyncio.to_thread(netdevs.enable_forwarding)
                 await self._program(rt, new=True)
-                await self._claim(spec.vip)
+                await self.peers.publish(spec.name, spec)
+                if self.peers.owner(spec.vip):
+                    await self._claim(spec.vip)
             except BaseException:
                 del self.services[spec.name]
                 with contextlib.suppress(GridvmError):
@@ -294,15 +375,20 @@ class ServiceManager:
     async def delete(self, name: str) -> None:
         async with self._lock:
             rt = self.get(name)
-            if rt.task:
-                rt.task.cancel()
-                await asyncio.gather(rt.task, return_exceptions=True)
-            del self.services[name]
-            try:
-                await self._remove(rt)
-            finally:
-                self._save()
+            await self.peers.publish(name, None)      # first: else the cluster brings it back
+            await self._drop(rt)
             log.info("%s: deleted", name)
+
+    async def _drop(self, rt: Runtime) -> None:
+        if rt.task:
+            rt.task.cancel()
+            await asyncio.gather(rt.task, return_exceptions=True)
+        del self.services[rt.spec.name]
+        self.shared.discard(rt.spec.name)
+        try:
+            await self._remove(rt)
+        finally:
+            self._save()
 
     async def set_weight(self, name: str, domain: str, weight: int) -> dict[str, Any]:
         async with self._lock:
@@ -315,6 +401,7 @@ class ServiceManager:
             old, b.weight = b.weight, weight
             try:
                 await self._program(rt)
+                await self.peers.publish(name, rt.spec)
             except BaseException:
                 b.weight = old
                 raise
@@ -329,6 +416,7 @@ class ServiceManager:
             old, b.drained = b.drained, not undo
             try:
                 await self._program(rt)
+                await self.peers.publish(name, rt.spec)
             except BaseException:
                 b.drained = old
                 raise
@@ -364,6 +452,7 @@ class ServiceManager:
                 "address": spec.address, "scheduler": spec.scheduler, "check": spec.check,
                 "interval": spec.interval, "rise": spec.rise, "fall": spec.fall,
                 "vip_interface": self.vips.get(spec.vip), "table": self.director.table,
+                "vip_owner": await asyncio.to_thread(self.peers.owner_name, spec.vip),
                 "backends": backends}
 
     async def views(self) -> list[dict[str, Any]]:

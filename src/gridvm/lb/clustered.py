@@ -1,0 +1,161 @@
+"""Virtual services in a cluster: shared specs, cluster-wide backends, one owner per VIP.
+
+Used by `ServiceManager` when this home has joined a cluster (its cluster/config.json
+exists — known before gridvmd has even rejoined, so a host coming back never grabs a VIP):
+
+- service specs live in etcd under `/gridvm/services/<name>`; every host programs every
+  service and checks its backends, so a standby director is warm;
+- a backend domain is found in the cluster registry (`/gridvm/domains/…`): its address
+  from its config, running while the registry says so and its host is up;
+- each VIP address has an election `gridvm/election/vip/<ip>` (the cluster's `Election`,
+  on a lease of the hosts' TTL): the leader holds the address and announces it with
+  gratuitous ARP; when the owner dies its lease expires and a standby is elected.
+
+This is the one place the lb layer reaches up into cluster/: to reuse its etcd client,
+lease and election rather than grow a second one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from gridvm.cluster.core import Cluster, Election
+from gridvm.cluster.etcd import Etcd, EtcdError
+from gridvm.cluster.settings import ClusterConfig, Files
+from gridvm.config.model import DomainConfig
+from gridvm.errors import GridvmError
+from gridvm.host.manager import HostManager
+from gridvm.lb.model import ServiceSpec
+from gridvm.lb.services import LocalResolver, Location, domain_address
+from gridvm.store.records import DomainRecord
+
+log = logging.getLogger("gridvm.lb")
+
+PREFIX = "/gridvm/services/"
+RUNNING = ("running", "blocked", "paused")
+SNAPSHOT_S = 0.25
+
+
+class ClusterPeers:
+    """Implements the ServiceManager's `Peers` and `Resolver` for a clustered home."""
+
+    def __init__(self, manager: HostManager) -> None:
+        self.manager = manager
+        self.files = Files(manager.home)
+        self.local = LocalResolver(manager)
+        self._cfg: ClusterConfig | None = None
+        self._cluster: Cluster | None = None
+        self.elections: dict[str, Election] = {}
+        self._snap: tuple[float, dict[str, dict[str, Any]], dict[str, str]] | None = None
+        self._snap_lock = asyncio.Lock()
+
+    def config(self) -> ClusterConfig | None:
+        cfg = self.files.load()
+        if cfg != self._cfg:
+            if self._cluster is not None:
+                self._cluster.etcd.close()
+            self._cfg = cfg
+            self._cluster = Cluster(Etcd(cfg.etcd, timeout=1.0)) if cfg else None
+        return cfg
+
+    def active(self) -> bool:
+        return self.config() is not None
+
+    # ----- shared specs ---------------------------------------------------------------------
+
+    async def publish(self, name: str, spec: ServiceSpec | None) -> None:
+        """Write (or, with None, delete) a spec in etcd; GridvmError if etcd cannot."""
+        if self.config() is None or self._cluster is None:
+            return
+        etcd = self._cluster.etcd
+        if spec is None:
+            await asyncio.to_thread(etcd.delete, PREFIX + name)
+        else:
+            await asyncio.to_thread(etcd.put_json, PREFIX + name, spec.model_dump(mode="json"))
+
+    async def specs(self) -> dict[str, ServiceSpec] | None:
+        """Every shared spec, or None if etcd cannot be read now."""
+        if self.config() is None or self._cluster is None:
+            return None
+        try:
+            kvs = await asyncio.to_thread(self._cluster.etcd.range, PREFIX)
+        except EtcdError:
+            return None
+        out = {}
+        for kv in kvs:
+            try:
+                out[kv.key.removeprefix(PREFIX)] = ServiceSpec.model_validate(kv.json())
+            except ValueError as exc:
+                log.error("bad service spec at %s: %s", kv.key, exc)
+        return out
+
+    # ----- VIP ownership --------------------------------------------------------------------
+
+    def owner(self, vip: str) -> bool:
+        """Do we hold `vip` now? (Starts campaigning for it the first time it is asked.)"""
+        cfg = self.config()
+        if cfg is None:
+            return True
+        e = self.elections.get(vip)
+        if e is None:
+            e = Election(Etcd(cfg.etcd, timeout=1.0), f"gridvm/election/vip/{vip}", cfg.host,
+                         cfg.ttl)
+            e.start()
+            self.elections[vip] = e
+        return e.is_leader
+
+    def owner_name(self, vip: str) -> str | None:
+        e = self.elections.get(vip)
+        try:
+            return e.leader() if e else None
+        except EtcdError:
+            return None
+
+    async def release(self, vip: str) -> None:
+        """Stop campaigning (revoking our lease hands the VIP over at once)."""
+        e = self.elections.pop(vip, None)
+        if e is not None:
+            await asyncio.to_thread(e.stop)
+
+    async def close(self) -> None:
+        for vip in list(self.elections):
+            await self.release(vip)
+
+    # ----- backends anywhere in the cluster -------------------------------------------------
+
+    async def _snapshot(self) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+        async with self._snap_lock:
+            now = time.monotonic()
+            if self._snap is None or now - self._snap[0] > SNAPSHOT_S:
+                cluster = self._cluster
+                assert cluster is not None
+                regs = await asyncio.to_thread(cluster.domains)
+                states = await asyncio.to_thread(cluster.host_states)
+                self._snap = (now, regs, states)
+            return self._snap[1], self._snap[2]
+
+    async def locate(self, domain: str) -> Location | None:
+        cfg = self.config()
+        local = await self.local.locate(domain)
+        if cfg is None:
+            return local
+        if local is not None and local.running:
+            return local._replace(host=cfg.host)
+        try:
+            regs, states = await self._snapshot()
+        except (EtcdError, GridvmError):
+            return local
+        rec = next((r for r in regs.values() if r.get("name") == domain), None)
+        if rec is None:
+            return local
+        host = str(rec.get("host") or "")
+        running = rec.get("state") in RUNNING and states.get(host) == "up" and host != cfg.host
+        try:
+            ip = domain_address(DomainRecord(config=DomainConfig.model_validate(rec["config"])),
+                                None)
+        except (KeyError, ValueError):
+            ip = None
+        return Location(ip, running, host)
