@@ -18,10 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from pyroute2 import IPRoute
-
 from gridvm.config.model import DomainConfig, NetParams, VifSpec
-from gridvm.host import httpprobe, links, netns, procs
+from gridvm.host import httpprobe, links, netdevs, netns, procs
 from gridvm.images.tiny import build_tiny
 from gridvm.lab.agent import Agent
 from gridvm.paths import Home
@@ -30,13 +28,7 @@ SUBNET = "10.56.0"
 
 
 def make_bridge(ns: str) -> None:
-    def make() -> None:
-        with IPRoute() as ipr:
-            ipr.link("add", ifname="xenbr0", kind="bridge")
-            idx = ipr.link_lookup(ifname="xenbr0")[0]
-            ipr.addr("add", index=idx, address=f"{SUBNET}.1", prefixlen=24)
-            ipr.link("set", index=idx, state="up")
-    netns.call_in(ns, make)
+    netns.call_in(ns, lambda: netdevs.host_bridge("xenbr0", f"{SUBNET}.1/24"))
 
 
 def wait_answer(ip: str, ns: str) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from pyroute2 import IPRoute
 
-from gridvm.host import httpprobe, netns, procs
+from gridvm.host import httpprobe, netdevs, netns, procs
 from gridvm.images.store import ImageInfo
 from gridvm.lab.agent import Agent
 
@@ -149,14 +149,7 @@ class HostEnv:
 
 
 def make_bridge(ns: str, name: str, address: str) -> None:
-    def make() -> None:
-        with IPRoute() as ipr:
-            ipr.link("add", ifname=name, kind="bridge")
-            idx = ipr.link_lookup(ifname=name)[0]
-            ipr.addr("add", index=idx, address=address, prefixlen=24)
-            ipr.link("set", index=idx, state="up")
-            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-    netns.call_in(ns, make)
+    netns.call_in(ns, lambda: netdevs.host_bridge(name, f"{address}/24"))
 
 
 @contextlib.contextmanager

@@ -16,12 +16,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pyroute2 import IPRoute
 from rich.console import Console
 from rich.table import Table
 
 from gridvm.config.xmfile import load_config
-from gridvm.host import httpprobe, netns
+from gridvm.host import httpprobe, netdevs, netns
 from gridvm.images.tiny import build_tiny
 from gridvm.lab.agent import Agent
 from gridvm.paths import Home
@@ -45,21 +44,6 @@ on_crash = "restart"
 """
 
 
-def setup_bridge(ns: str, name: str, address: str) -> None:
-    """The host's xenbr0 inside the demo namespace, with dom0's address on it."""
-
-    def make() -> None:
-        with IPRoute() as ipr:
-            ipr.link("add", ifname=name, kind="bridge")
-            idx = ipr.link_lookup(ifname=name)[0]
-            ipr.addr("add", index=idx, address=address, prefixlen=24)
-            ipr.link("set", index=idx, state="up")
-            lo = ipr.link_lookup(ifname="lo")[0]
-            ipr.link("set", index=lo, state="up")
-
-    netns.call_in(ns, make)
-
-
 def run_demo(*, as_json: bool = False, keep: bool = False) -> dict[str, Any]:
     console = Console(stderr=as_json)
     images = Home.resolve().images
@@ -72,7 +56,7 @@ def run_demo(*, as_json: bool = False, keep: bool = False) -> dict[str, Any]:
     agent = Agent(workdir / "home", ns=ns, images=images)
     try:
         netns.create(ns)
-        setup_bridge(ns, "xenbr0", f"{SUBNET}.1")
+        netns.call_in(ns, lambda: netdevs.host_bridge("xenbr0", f"{SUBNET}.1/24"))
         with console.status("starting gridvmd"):
             agent.start()
         client = agent.client()

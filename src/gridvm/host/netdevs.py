@@ -15,7 +15,7 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from gridvm.host.links import LinkError
+from gridvm.host.links import LinkError, delete_link
 
 
 @dataclass(frozen=True)
@@ -108,14 +108,14 @@ def set_down(name: str) -> None:
 
 def delete(name: str) -> None:
     """Remove a link if it exists (idempotent)."""
-    with IPRoute() as ipr:
-        found = ipr.link_lookup(ifname=name)
-        if found:
-            try:
-                ipr.link("del", index=found[0])
-            except NetlinkError as exc:
-                if exc.code != 19:  # ENODEV: already gone
-                    raise LinkError(f"cannot delete {name}: {exc}") from exc
+    delete_link(name)
+
+
+def host_bridge(name: str, address: str) -> None:
+    """A bridge with dom0's address on it (`10.0.0.1/24`), and loopback up (labs, demos)."""
+    create_bridge(name)
+    add_address(name, ipaddress.IPv4Interface(address))
+    set_up("lo")
 
 
 def veth(name: str, peer: str, peer_netns: str | None = None) -> None:
