@@ -87,9 +87,10 @@ def list_(as_json: JsonOpt = False) -> None:
 
 
 def _print_service(v: dict[str, Any]) -> None:
+    where = (f"held here on {v['vip_interface']}" if v["vip_interface"] else
+             f"held by {v['vip_owner']}" if v.get("vip_owner") else "an address of this host")
     _print(f"{v['name']}: TCP {v['address']} {v['scheduler']}, check {v['check']} every "
-           f"{v['interval']:g}s (rise {v['rise']}, fall {v['fall']}), VIP on "
-           f"{v['vip_interface'] or 'an existing address'}")
+           f"{v['interval']:g}s (rise {v['rise']}, fall {v['fall']}), VIP {where}")
     _print(f"  {'Backend':<14}{'Address':<22}{'Weight':>6}  {'State':<9}{'ActConn':>8}"
            f"{'InActConn':>10}  Last check")
     for b in v["backends"]:

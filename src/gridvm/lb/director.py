@@ -16,8 +16,9 @@ NATed live on in conntrack, so they finish on their backend. All scripts go thro
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
-from gridvm.host import nft
+from gridvm.host import netdevs, nft
 from gridvm.lb.model import Scheduler, Target, slots
 
 FAMILY = "inet"
@@ -25,6 +26,23 @@ SELECTORS: dict[Scheduler, str] = {
     "rr": "numgen inc", "wrr": "numgen inc", "random": "numgen random",
     "sh": "jhash ip saddr",
 }
+
+
+BRIDGE_NF = Path("/proc/sys/net/bridge/bridge-nf-call-iptables")
+
+
+def prepare_host() -> None:
+    """Let this namespace forward DNAT'd connections (blocking; per network namespace).
+
+    Routing on, and br_netfilter's IPv4 hooks off: with them on, a connection DNAT'd to a
+    backend behind the bridge port the client came in on (a guest on another host of the
+    LAN) is *bridged* back out of that same port, which a bridge refuses, and is lost.
+    Routed traffic still passes every nft hook; only frames bridged within one bridge skip
+    them.
+    """
+    netdevs.enable_forwarding()
+    if BRIDGE_NF.exists() and BRIDGE_NF.read_text().strip() != "0":
+        BRIDGE_NF.write_text("0\n")
 
 
 def table_name(tag: str) -> str:

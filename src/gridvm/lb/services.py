@@ -27,11 +27,10 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 from gridvm.errors import ConfigError, Conflict, GridvmError, NotFound
-from gridvm.host import netdevs
 from gridvm.host.manager import HostManager
 from gridvm.host.networks import NetworkManager, host_tag, vif_ip
 from gridvm.lb import conntrack, vip
-from gridvm.lb.director import Director, Programmed
+from gridvm.lb.director import Director, Programmed, prepare_host
 from gridvm.lb.health import Hysteresis, probe
 from gridvm.lb.model import Backend, ServiceSpec, Target, check_weight
 from gridvm.store.records import DomainRecord, Store
@@ -160,7 +159,7 @@ class ServiceManager:
                 for rt, p in zip(self.services.values(), programs, strict=True):
                     rt.programmed = p
                 if self.services:
-                    await asyncio.to_thread(netdevs.enable_forwarding)
+                    await asyncio.to_thread(prepare_host)
             except GridvmError as exc:
                 log.error("cannot rebuild virtual services: %s", exc)
         for rt in self.services.values():
@@ -234,7 +233,7 @@ class ServiceManager:
                     rt = self._runtime(spec)
                     await self._round(rt, program=False)
                     self.services[name] = rt
-                    await asyncio.to_thread(netdevs.enable_forwarding)
+                    await asyncio.to_thread(prepare_host)
                     await self._program(rt, new=True)
                     self._save()
                     rt.task = asyncio.create_task(self._run(rt), name=f"lb-{name}")
@@ -331,7 +330,7 @@ class ServiceManager:
             await self._round(rt, program=False)
             self.services[spec.name] = rt
             try:
-                await asyncio.to_thread(netdevs.enable_forwarding)
+                await asyncio.to_thread(prepare_host)
                 await self._program(rt, new=True)
                 await self.peers.publish(spec.name, spec)
                 if self.peers.owner(spec.vip):

@@ -1,0 +1,128 @@
+"""Virtual services in a two-host lab cluster: shared specs, backends on both hosts, and a
+VIP that moves when its owner loses power (client load running throughout)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from netlab import LabEnv
+
+from gridvm.images.store import ImageInfo
+
+pytestmark = pytest.mark.guest
+
+TTL = 2
+
+
+@pytest.fixture(scope="module")
+def cl(tiny_image: ImageInfo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabEnv]:
+    tmp = tmp_path_factory.mktemp("svccluster")
+    env = LabEnv(f"gs{int(time.time()) % 100000}", tmp / "home", tmp, tiny_image)
+    env.gridvm("lab", "up", "--hosts", "2", "--cluster", "--ttl", str(TTL), "--name",
+               env.name, "--accel", "tcg")
+    try:
+        yield env
+    finally:
+        env.gridvm("lab", "down", "--name", env.name, check=False)
+
+
+def show(cl: LabEnv, host: str, name: str) -> dict[str, Any]:
+    view: dict[str, Any] = json.loads(cl.gridvm("service", "show", name, "--json",
+                                                host=host).stdout)
+    return view
+
+
+def wait_for(what: str, fn: Any, timeout: float = 60) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            got = fn()
+            if got:
+                return got
+        except (AssertionError, OSError):
+            pass
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+class Load(threading.Thread):
+    """Back-to-back requests to the VIP from the client namespace; records every answer."""
+
+    def __init__(self, cl: LabEnv, vip: str) -> None:
+        super().__init__(daemon=True)
+        self.cl, self.vip = cl, vip
+        self.log: list[tuple[float, str | None]] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                body: str | None = self.cl.http(self.vip, timeout=1.0)
+            except OSError:
+                body = None
+            self.log.append((time.monotonic(), body))
+
+    def longest_gap(self) -> float:
+        ok = [t for t, b in self.log if b]
+        return max((b - a for a, b in zip(ok, ok[1:], strict=False)), default=0.0)
+
+
+def test_vip_moves_when_its_owner_dies_and_backends_follow_ha(cl: LabEnv) -> None:
+    for n, (name, host) in enumerate((("w1", "h1"), ("w2", "h2")), 1):
+        cfg = cl.write_cfg(name, "bridge=xenbr0", f'ip = "{cl.guest_ip(n)}"\n'
+                           'netmask = "255.255.255.0"\nha = "restart"\nha_group = "web"\n')
+        cl.gridvm("create", str(cfg), "--host", host, host="h1")
+    for n in (1, 2):
+        cl.wait_http(cl.guest_ip(n))
+    vip = cl.guest_ip(100)
+    cl.gridvm("service", "create", "web", "--vip", f"{vip}:80", "--backends", "w1,w2",
+              "--check", "http:/health", "--interval", "0.5", "--fall", "2", host="h1")
+    # the spec reaches h2; both directors see both backends; one of them holds the VIP
+    for h in ("h1", "h2"):
+        wait_for(f"{h} to route to both", lambda h=h: all(
+            b["in_rotation"] for b in show(cl, h, "web")["backends"]), 30)
+    owner = wait_for("a VIP owner", lambda: show(cl, "h1", "web")["vip_owner"])
+    other = "h2" if owner == "h1" else "h1"
+    assert show(cl, owner, "web")["vip_interface"] == "xenbr0"
+    assert show(cl, other, "web")["vip_interface"] is None
+    assert {cl.http(vip) for _ in range(4)} == {"w1", "w2"}
+
+    load = Load(cl, vip)
+    load.start()
+    time.sleep(2)
+    t_off = time.monotonic()
+    cl.gridvm("lab", "poweroff", owner, "--name", cl.name)
+    wait_for("the VIP on the survivor",
+             lambda: show(cl, other, "web")["vip_interface"] == "xenbr0", 30)
+    took = time.monotonic() - t_off
+    lost = "w1" if owner == "h1" else "w2"
+    wait_for(f"{lost} back through the VIP", lambda: any(
+        b == lost for t, b in load.log if t > t_off + 1), 90)
+    load.stop.set()
+    load.join(timeout=5)
+    after = [b for t, b in load.log if t > t_off]
+    print(f"VIP moved {owner}→{other} in {took:.1f}s; longest client gap "
+          f"{load.longest_gap():.2f}s; {after.count(None)} of {len(after)} requests failed "
+          f"after the power-off")
+    assert load.longest_gap() < TTL + 4
+    assert show(cl, other, "web")["vip_owner"] == other
+
+    # the old owner comes back: it rejoins as a standby and does not take the VIP back
+    cl.gridvm("lab", "poweron", owner, "--name", cl.name)
+    wait_for("the spec on the returning host", lambda: show(cl, owner, "web"), 60)
+    time.sleep(TTL + 1)
+    assert f"{vip}/32" not in cl.run_in(owner, "ip", "-4", "addr", "show")
+    assert show(cl, other, "web")["vip_interface"] == "xenbr0"
+
+    # deleting on one host deletes it everywhere, with its VIP
+    cl.gridvm("service", "delete", "web", host=other)
+    wait_for("the service gone from the returning host", lambda: "web" not in cl.gridvm(
+        "service", "list", host=owner).stdout, 20)
+    for h in ("h1", "h2"):
+        assert "gridvm_lb_" not in cl.run_in(h, "nft", "list", "tables")
+        assert f"{vip}/32" not in cl.run_in(h, "ip", "-4", "addr", "show")
