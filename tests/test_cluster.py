@@ -43,7 +43,7 @@ def hosts(cl: LabEnv, via: str = "h1") -> dict[str, dict[str, Any]]:
 
 
 def alive_host(cl: LabEnv) -> str:
-    return next(h.name for h in cl.state.hosts if h.pid is not None)
+    return str(next(h.name for h in cl.state.hosts if h.pid is not None))
 
 
 def views(cl: LabEnv) -> dict[str, dict[str, Any]]:
