@@ -344,10 +344,24 @@ def image_list(as_json: JsonOpt = False) -> None:
 
 @app.command()
 def demo(
+    which: Annotated[str, typer.Argument(
+        help="host: one FermiGrid host; fermigrid: FermiGrid-HA through a host power-off")]
+    = "host",
     as_json: JsonOpt = False,
     keep: Annotated[bool, typer.Option("--keep", help="leave the demo running")] = False,
 ) -> None:
-    """One FermiGrid host: four guests on one bridge, each answering HTTP."""
+    """Demos: one FermiGrid host (default), or `fermigrid`, the main job (HA, LVS)."""
+    if which == "fermigrid":
+        from gridvm.fermigrid import render, run
+
+        report = run(say=lambda m: err.print(f"fermigrid: {m}", highlight=False))
+        if as_json:
+            emit_json(report)
+        else:
+            out.print(render(report), highlight=False, markup=False)
+        return
+    if which != "host":
+        raise GridvmError(f"unknown demo {which!r} (host or fermigrid)")
     from gridvm.demo import run_demo
 
     run_demo(as_json=as_json, keep=keep)
