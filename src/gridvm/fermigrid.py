@@ -127,8 +127,9 @@ def run(*, say: Callable[[str], None], warmup: float = 5.0, settle: float = 5.0,
                 names.append((cfg["name"], cfg["net"]["ip"], host))
         say(f"booting {len(names)} guests: " + ", ".join(f"{n}@{h}" for n, _, h in names))
         for name, ip, _ in names:
-            _wait(f"{name} to answer", lambda ip=ip: bool(httpprobe.get(
-                ip, ns=state.client.ns, timeout=1.0)), 180)
+            def answers(ip: str = ip) -> bool:
+                return bool(httpprobe.get(ip, ns=state.client.ns, timeout=1.0))
+            _wait(f"{name} to answer", answers, 180)
         specs = _spec(topo, lan)
         for spec in specs:
             clients["h1"].post("/services", spec)
