@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shlex
 import shutil
 import time
 import uuid as uuidlib
@@ -19,7 +20,7 @@ from typing import Any, Protocol
 from gridvm import __version__
 from gridvm.config.macs import assign_macs
 from gridvm.config.model import DomainConfig, Sched, VifSpec
-from gridvm.errors import ConfigError, Conflict, GridvmError, NotFound, QemuError, ResourceError
+from gridvm.errors import ConfigError, Conflict, GridvmError, NotFound, QemuError
 from gridvm.host import hostinfo, links, procs, savefile
 from gridvm.host.resources import Resources, validate_sched, vif_index
 from gridvm.host.stats import Sampler
@@ -693,15 +694,5 @@ class HostManager:
             "running": len(self.vms),
         }
 
-    def guard_running(self, ref: str) -> None:
-        """Raise unless `ref` names a running domain."""
-        self.running(ref)
-
-
 def _shq(path: Path) -> str:
-    import shlex
-
     return shlex.quote(str(path))
-
-
-__all__ = ["HostManager", "ResourceError"]
