@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from gridvm.api.routes_cluster import ClusterRouter, cluster_routes
+from gridvm.api.routes_migration import migration_routes, migration_service
 from gridvm.api.routes_network import network_router
 from gridvm.api.routes_resources import resource_routes
 from gridvm.api.routes_stats import stats_routes
@@ -73,19 +74,23 @@ def make_app(manager: HostManager) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await node.resume()  # a clustered home rejoins before its domains are re-adopted
         await manager.start()
+        await migrations.reconcile()  # settle migrations a previous gridvmd left half-way
         try:
             yield
         finally:
+            await migrations.close()
             await manager.close()
             await node.close()
 
     node = ClusterNode(manager)
+    migrations = migration_service(manager)
     app = FastAPI(title="gridvmd", lifespan=lifespan)
     app.add_middleware(ClusterRouter, node=node)
     app.include_router(cluster_routes(node))
     m = manager
     app.include_router(resource_routes(m))
     app.include_router(stats_routes(m))
+    app.include_router(migration_routes(migrations))
 
     @app.exception_handler(GridvmError)
     async def _gridvm_error(_: Request, exc: GridvmError) -> JSONResponse:

@@ -8,12 +8,15 @@ import fcntl
 import logging
 import os
 import signal
+import socket
 import sys
+from typing import Any
 
 import uvicorn
 from pyroute2 import netns as pyroute2_netns
 
 from gridvm.api.app import make_app
+from gridvm.api.relocation import Allowlist, RelocationGuard, bind_sockets, load_token
 from gridvm.api.routes_services import service_router
 from gridvm.errors import GridvmError
 from gridvm.host.manager import HostManager
@@ -51,22 +54,24 @@ def _logging(home: Home, verbose: bool) -> None:
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
 
 
-async def serve(home: Home, accel: str) -> None:
+async def serve(home: Home, accel: str, sockets: list[socket.socket],
+                guard: tuple[str, Allowlist] | None = None) -> None:
+    """Serve the API on `sockets` (Unix, and TCP with `guard` = (token, allowlist))."""
     store = SqliteStore(home.db)
     manager = HostManager(home, store, accel=accel)
     manager.net = net = NetworkManager(home, store)
     await net.start()  # rebuild networks and reconcile leftovers before domains are adopted
     sock = home.api_socket
-    sock.unlink(missing_ok=True)
     services = ServiceManager(manager)
     app = make_app(manager)
     app.include_router(service_router(services))
     await services.start()  # health checks; the nft table and VIPs outlive the daemon
-    config = uvicorn.Config(app, uds=str(sock), log_level="warning",
+    asgi: Any = RelocationGuard(app, *guard) if guard else app
+    config = uvicorn.Config(asgi, uds=str(sock), log_level="warning",
                             lifespan="on", timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
     try:
-        await server.serve()
+        await server.serve(sockets=sockets)
     finally:
         await services.close()
         sock.unlink(missing_ok=True)
@@ -79,6 +84,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--accel", choices=["auto", "kvm", "tcg"],
                         default=os.environ.get("GRIDVM_ACCEL", "auto"))
     parser.add_argument("--netns", help="run inside this network namespace (lab hosts)")
+    parser.add_argument("--listen", metavar="ADDR[:PORT]", default=os.environ.get("GRIDVM_LISTEN"),
+                        help="also serve the relocation API on TCP (port 8002 by default; "
+                        "needs the shared token in $GRIDVM_TOKEN or HOME/relocation.token)")
+    parser.add_argument("--relocation-hosts-allow", metavar="LIST",
+                        default=os.environ.get("GRIDVM_RELOCATION_HOSTS_ALLOW", ""),
+                        help="peers allowed to migrate domains here: IPs, CIDRs or regexes "
+                        "(default: any peer with the token)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     home = Home.resolve(args.home)
@@ -88,13 +100,16 @@ def main(argv: list[str] | None = None) -> None:
             pyroute2_netns.setns(args.netns, flags=0)
         home.ensure()
         lock = _lock(home)
+        guard = (load_token(home, create=True), Allowlist(args.relocation_hosts_allow)) \
+            if args.listen else None
+        sockets = bind_sockets(home, args.listen)
     except (GridvmError, OSError) as exc:
         print(f"gridvmd: error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
     _logging(home, args.verbose)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
-        asyncio.run(serve(home, args.accel))
+        asyncio.run(serve(home, args.accel, sockets, guard))
     finally:
         os.close(lock)
 
