@@ -14,6 +14,7 @@ from rich.table import Table
 from gridvm.api.client import Client
 from gridvm.cli.cluster import cluster_app, host_app
 from gridvm.cli.lab import lab_app
+from gridvm.cli.migrate import migrate
 from gridvm.cli.network import network_app
 from gridvm.cli.resources import register as register_resource_verbs
 from gridvm.cli.service import service_app
@@ -29,6 +30,7 @@ image_app = typer.Typer(no_args_is_help=True, help="Guest images.")
 app.add_typer(image_app, name="image")
 register_resource_verbs(app)
 app.command("top")(top)
+app.command("migrate")(migrate)
 app.add_typer(network_app, name="network")
 app.add_typer(lab_app, name="lab")
 app.add_typer(cluster_app, name="cluster")
@@ -190,9 +192,12 @@ def save(dom: str, file: Path) -> None:
 
 
 @app.command()
-def restore(file: Path, paused: Annotated[bool, typer.Option("-p", "--paused")] = False) -> None:
-    """Restore a domain from a save file."""
-    view = client(900).post("/restore", {"file": str(file.absolute()), "paused": paused})
+def restore(file: Path, paused: Annotated[bool, typer.Option("-p", "--paused")] = False,
+            host: Annotated[str | None, typer.Option(
+                "--host", help="restore on this lab host (HOST or LAB/HOST)")] = None) -> None:
+    """Restore a domain from a save file (on this host, or on --host)."""
+    c = Client(resolve_home(None, host), timeout=900) if host else client(900)
+    view = c.post("/restore", {"file": str(file.absolute()), "paused": paused})
     out.print(f"Restored domain {view['name']} (id={view['domid']})", highlight=False)
 
 

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from gridvm.api.client import Client, DaemonNotRunning
@@ -24,8 +25,9 @@ class Agent:
     """A gridvmd child with its own home; the guests it starts outlive it."""
 
     def __init__(self, home: Path, *, ns: str | None = None, accel: str = "auto",
-                 images: Path | None = None) -> None:
+                 images: Path | None = None, args: Sequence[str] = ()) -> None:
         self.home = Home(home.absolute())
+        self.args = list(args)     # more gridvmd options, e.g. --listen
         self.ns = ns
         self.accel = accel
         self.images = images
@@ -36,7 +38,7 @@ class Agent:
         env = dict(os.environ, GRIDVM_HOME=str(self.home.root), GRIDVM_ACCEL=self.accel)
         if self.images:
             env["GRIDVM_IMAGES"] = str(self.images)
-        argv = gridvmd_argv() + (["--netns", self.ns] if self.ns else [])
+        argv = gridvmd_argv() + (["--netns", self.ns] if self.ns else []) + self.args
         if os.environ.get("GRIDVM_DEBUG"):
             argv.append("-v")
         out = open(self.home.root / "gridvmd.stderr", "ab")  # noqa: SIM115 (owned by child)

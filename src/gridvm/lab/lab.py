@@ -28,8 +28,10 @@ from typing import Any
 from pydantic import BaseModel
 
 from gridvm.api.client import Client
+from gridvm.api.relocation import load_token, token_path, write_token
 from gridvm.errors import ConfigError, Conflict, GridvmError, NotFound
 from gridvm.host import netdevs, netns, procs
+from gridvm.host.migration import RELOCATION_PORT
 from gridvm.host.networks import RUN_ROOT, host_tag
 from gridvm.lab.agent import Agent
 from gridvm.paths import Home
@@ -176,6 +178,8 @@ def up(state: LabState) -> LabState:
     save(state)
     try:
         _make_lan(state)
+        Path(state.root).mkdir(parents=True, exist_ok=True)
+        load_token(Home(Path(state.root)), create=True)   # one relocation token for all hosts
         with ThreadPoolExecutor(max_workers=len(state.hosts)) as pool:
             pids = list(pool.map(lambda h: _start_host(state, h, network=True), state.hosts))
         for h, pid in zip(state.hosts, pids, strict=True):
@@ -222,7 +226,19 @@ def _host_side(address: str) -> Callable[[], None]:
 
 
 def _agent(state: LabState, host: LabHost) -> Agent:
-    return Agent(Path(host.home), ns=host.ns, accel=state.accel, images=Path(state.images))
+    return Agent(Path(host.home), ns=host.ns, accel=state.accel, images=Path(state.images),
+                 args=_relocation(state, host))
+
+
+def _relocation(state: LabState, host: LabHost) -> list[str]:
+    """gridvmd options for migrations between the lab's hosts: a listener on the host's LAN
+    address, the LAN as allowlist, and the lab's shared token in the host's home."""
+    home = Home(Path(host.home))
+    home.ensure()
+    if not token_path(home).exists():
+        write_token(home, load_token(Home(Path(state.root))))
+    return ["--listen", f"{host.address.split('/')[0]}:{RELOCATION_PORT}",
+            "--relocation-hosts-allow", state.subnet]
 
 
 def _start_host(state: LabState, host: LabHost, *, network: bool) -> int:
