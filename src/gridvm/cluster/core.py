@@ -39,15 +39,18 @@ class Lease:
     The lease counts as lost when etcd says it expired, or when it could not be renewed for
     `ttl - margin` seconds since the last successful renewal was *sent* — i.e. strictly
     before etcd can expire it. `on_lost(old_id)` runs in the thread; a new lease is then
-    granted as soon as etcd answers again (`on_granted(new_id)`)."""
+    granted as soon as etcd answers again (`on_granted(new_id)`). A renewal waits up to
+    `rpc_timeout` (default: the renewal interval) for etcd, never past that deadline."""
 
     def __init__(self, etcd: Etcd, ttl: int, *, margin: float | None = None,
+                 rpc_timeout: float | None = None,
                  on_granted: Callable[[int], None] | None = None,
                  on_lost: Callable[[int], None] | None = None, name: str = "lease") -> None:
         self.etcd = etcd
         self.ttl = ttl
         self.margin = margin if margin is not None else max(ttl / 3, 0.5)
         self.interval = max(ttl / 6, 0.1)
+        self.rpc_timeout = rpc_timeout if rpc_timeout is not None else self.interval
         self.on_granted = on_granted
         self.on_lost = on_lost
         self.id: int | None = None
@@ -94,7 +97,9 @@ class Lease:
             else:
                 expired = False
                 try:
-                    expired = self.etcd.keepalive(self.id, timeout=self.interval) <= 0
+                    left = self.last_ok + self.ttl - self.margin - time.monotonic()
+                    expired = self.etcd.keepalive(
+                        self.id, timeout=max(min(self.rpc_timeout, left), 0.05)) <= 0
                     if not expired:
                         self.last_ok = t0
                 except EtcdError as exc:
@@ -112,16 +117,23 @@ class Election:
     """Campaign for leadership of `name` on a lease of our own (etcd's election API).
 
     `is_leader` is true from the moment etcd elects us until our lease is lost or we stop;
-    `stop()` revokes the lease, so another candidate takes over at once."""
+    `stop()` revokes the lease, so another candidate takes over at once. `on_change()` runs
+    (in a thread of the election) whenever `is_leader` may have changed, so an owner can act
+    at once rather than at its next poll."""
 
-    def __init__(self, etcd: Etcd, name: str, value: str, ttl: int) -> None:
+    def __init__(self, etcd: Etcd, name: str, value: str, ttl: int, *,
+                 margin: float | None = None, rpc_timeout: float | None = None,
+                 on_change: Callable[[], None] | None = None) -> None:
         self.etcd = etcd
         self.name = name
         self.value = value
         self.ttl = ttl
+        self.on_change = on_change
         self._key: str | None = None
         self._key_lease: int | None = None
-        self.lease = Lease(etcd, ttl, on_lost=self._lost, name=f"election-{name}")
+        self.previous: str | None = None         # the leader's value when we last campaigned
+        self.lease = Lease(etcd, ttl, margin=margin, rpc_timeout=rpc_timeout, on_lost=self._lost,
+                           name=f"election-{name}")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._campaign, name=f"campaign-{name}",
                                         daemon=True)
@@ -146,6 +158,14 @@ class Election:
 
     def _lost(self, _: int) -> None:
         self._key = None
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            try:
+                self.on_change()
+            except Exception:
+                log.exception("election %s: on_change failed", self.name)
 
     def _campaign(self) -> None:
         while not self._stop.is_set():
@@ -154,6 +174,8 @@ class Election:
                 self._stop.wait(0.1)
                 continue
             try:
+                held = self.etcd.leader(self.name)
+                self.previous = held.value if held else None
                 key = self.etcd.campaign(self.name, lease, self.value,
                                          timeout=max(self.ttl * 2, 5))
             except EtcdError:
@@ -162,6 +184,7 @@ class Election:
             if self.lease.id == lease and not self._stop.is_set():
                 self._key, self._key_lease = key, lease
                 log.info("elected leader of %s", self.name)
+                self._changed()
 
 
 class Cluster:

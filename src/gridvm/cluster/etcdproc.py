@@ -1,4 +1,8 @@
-"""Run a single-member etcd as a detached child process with its own data directory."""
+"""Run a single-member etcd as a detached child process with its own data directory.
+
+Its Raft timers are shortened (heartbeat 100 ms, election timeout 500 ms; a single member
+never holds an election against peers): etcd's shortest lease is 1.5 election timeouts, so
+1 s leases become legal — the TTL of a VIP's election (`ClusterConfig.vip_ttl`)."""
 
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ from gridvm.host import netns, procs
 
 CLIENT_PORT = 2379
 PEER_PORT = 2380
+HEARTBEAT_MS = 100
+ELECTION_MS = 500
 
 
 def client_url(address: str) -> str:
@@ -31,7 +37,8 @@ def start(data_dir: Path, address: str, *, ns: str | None = None,
             "--listen-client-urls", client_url(address),
             "--advertise-client-urls", client_url(address),
             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"gridvm={peer}"]
+            "--initial-cluster", f"gridvm={peer}",
+            "--heartbeat-interval", str(HEARTBEAT_MS), "--election-timeout", str(ELECTION_MS)]
     with open(data_dir / "etcd.log", "ab") as out:
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,

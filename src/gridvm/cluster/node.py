@@ -50,6 +50,7 @@ class ClusterNode:
         self.ha = HaManager(self)
         self._tasks: list[asyncio.Task[None]] = []
         self._lease_seen: int | None = None
+        self._elected = asyncio.Event()          # the HA election changed: run a round now
         self._registered = False
 
     @property
@@ -105,7 +106,15 @@ class ClusterNode:
         self.m.store = self.store
         self.files.ha.mkdir(parents=True, exist_ok=True)
         self._ensure_watchdog()
-        self.election = Election(Etcd(cfg.etcd, timeout=1.0), HA_ELECTION, cfg.host, cfg.ttl)
+        loop = asyncio.get_running_loop()
+        self._elected = asyncio.Event()
+
+        def elected() -> None:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(self._elected.set)
+
+        self.election = Election(Etcd(cfg.etcd, timeout=1.0), HA_ELECTION, cfg.host, cfg.ttl,
+                                 on_change=elected)
         self.election.start()
         self._tasks = [asyncio.create_task(self._heartbeat(), name="cluster-heartbeat"),
                        asyncio.create_task(self._ha_loop(), name="ha-manager")]
@@ -188,12 +197,16 @@ class ClusterNode:
 
     async def _ha_loop(self) -> None:
         while True:
-            await asyncio.sleep(ROUND_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._elected.wait(), ROUND_S)
+            self._elected.clear()
             election = self.election
-            if election is None or not election.is_leader:
+            if election is None:
                 continue
             try:
-                if await asyncio.to_thread(election.leader) != self.need()[0].host:
+                if not election.is_leader or \
+                        await asyncio.to_thread(election.leader) != self.need()[0].host:
+                    await asyncio.to_thread(self.ha.observe)   # note hosts going down
                     continue
                 await asyncio.to_thread(self.ha.round)
             except GridvmError as exc:

@@ -20,6 +20,8 @@ class ClusterConfig(BaseModel):
     etcd: str                                    # e.g. http://10.77.0.3:2379
     host: str                                    # this host's name in the cluster
     ttl: int = Field(default=5, ge=2, le=60)     # host lease TTL, seconds
+    vip_ttl: int = Field(default=1, ge=1, le=60)  # a VIP election's lease TTL (etcd raises
+                                                  # it to its own minimum if shorter)
     margin: float = Field(default=1.0, ge=0)     # HA waits this long after a lease expires
     capacity_mb: int | None = None               # memory for guests (default: total - 512)
     cpu_ratio: float = Field(default=4.0, gt=0)  # vCPU overcommit for placement

@@ -8,8 +8,13 @@ exists — known before gridvmd has even rejoined, so a host coming back never g
 - a backend domain is found in the cluster registry (`/gridvm/domains/…`): its address
   from its config, running while the registry says so and its host is up;
 - each VIP address has an election `gridvm/election/vip/<ip>` (the cluster's `Election`,
-  on a lease of the hosts' TTL): the leader holds the address and announces it with
-  gratuitous ARP; when the owner dies its lease expires and a standby is elected.
+  on a lease of its own, `vip_ttl`, 1 s by default: shorter than the hosts' TTL): the
+  leader holds the address and announces it with gratuitous ARP; when the owner dies its
+  lease expires and a standby is elected. An election that changes wakes the owner loop
+  (`changed`) at once, so a standby claims the VIP the moment etcd elects it. A VIP taken
+  over from another host (`taken_from`) first takes that host's backends out of rotation
+  until they pass `rise` checks again: its owner just went silent, so its guests are
+  suspect, and a retried SYN must not be sent to a dead backend.
 
 This is the one place the lb layer reaches up into cluster/: to reuse its etcd client,
 lease and election rather than grow a second one.
@@ -37,6 +42,7 @@ log = logging.getLogger("gridvm.lb")
 PREFIX = "/gridvm/services/"
 RUNNING = ("running", "blocked", "paused")
 SNAPSHOT_S = 0.25
+VIP_MARGIN_S = 0.25   # a VIP lease counts as lost after vip_ttl - this without renewal
 
 
 class ClusterPeers:
@@ -51,6 +57,8 @@ class ClusterPeers:
         self.elections: dict[str, Election] = {}
         self._snap: tuple[float, dict[str, dict[str, Any]], dict[str, str]] | None = None
         self._snap_lock = asyncio.Lock()
+        self.changed = asyncio.Event()          # set when a VIP election changes
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def config(self) -> ClusterConfig | None:
         cfg = self.files.load()
@@ -101,11 +109,26 @@ class ClusterPeers:
             return True
         e = self.elections.get(vip)
         if e is None:
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
             e = Election(Etcd(cfg.etcd, timeout=1.0), f"gridvm/election/vip/{vip}", cfg.host,
-                         cfg.ttl)
+                         cfg.vip_ttl, margin=min(VIP_MARGIN_S, cfg.vip_ttl / 3),
+                         rpc_timeout=cfg.vip_ttl / 2, on_change=self._wake)
             e.start()
             self.elections[vip] = e
         return e.is_leader
+
+    def taken_from(self, vip: str) -> str | None:
+        """The host that held `vip` before we were elected (None: nobody, or us)."""
+        cfg, e = self._cfg, self.elections.get(vip)
+        prev = e.previous if e else None
+        return prev if prev and cfg and prev != cfg.host else None
+
+    def _wake(self) -> None:
+        """From an election's thread: wake the owner loop."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self.changed.set)
 
     def owner_name(self, vip: str) -> str | None:
         e = self.elections.get(vip)

@@ -124,6 +124,7 @@ class ServiceManager:
         self.services: dict[str, Runtime] = {}
         self.vips: dict[str, str] = {}          # VIP address -> interface we added it to
         self.shared: set[str] = set()           # names seen in the cluster's specs
+        self._owned: set[str] = set()           # VIPs our elections held at the last sync
         self._lock = asyncio.Lock()
         self._sync_task: asyncio.Task[None] | None = None
 
@@ -194,16 +195,26 @@ class ServiceManager:
             except Exception:
                 log.exception("virtual services sync failed")
             n += 1
-            await asyncio.sleep(SYNC_S)
+            with contextlib.suppress(TimeoutError):   # a VIP election changed: act now
+                await asyncio.wait_for(self.peers.changed.wait(), SYNC_S)
+            self.peers.changed.clear()
 
     async def _own(self) -> None:
         """Hold exactly the VIPs this host owns."""
         wanted = {rt.spec.vip for rt in self.services.values()}
         for addr in sorted(wanted):
             if self.peers.owner(addr):
+                if addr not in self._owned:             # just elected
+                    self._owned.add(addr)
+                    try:
+                        await self._suspect(addr)
+                    except GridvmError as exc:
+                        log.error("VIP %s: %s", addr, exc)
                 await self._claim(addr)
-            elif addr in self.vips:
-                await self._release(addr)
+            else:
+                self._owned.discard(addr)
+                if addr in self.vips:
+                    await self._release(addr)
         for addr in set(self.peers.elections) - wanted:
             await self.peers.release(addr)
 
@@ -238,6 +249,24 @@ class ServiceManager:
                     self._save()
                     rt.task = asyncio.create_task(self._run(rt), name=f"lb-{name}")
                     log.info("%s: added from the cluster", name)
+
+    async def _suspect(self, addr: str) -> None:
+        """Taking `addr` over from a host that went silent: its backends out until proven."""
+        host = self.peers.taken_from(addr)
+        if host is None:
+            return
+        async with self._lock:
+            for rt in self.services.values():
+                if rt.spec.vip != addr:
+                    continue
+                out = [d for d, st in rt.states.items()
+                       if st.host == host and st.hyst.up and st.hyst.force_down()]
+                if out:
+                    for d in out:
+                        rt.states[d].since, rt.states[d].last = time.time(), f"{host} went silent"
+                    log.info("%s: backends %s out until they pass checks again (VIP taken "
+                             "over from %s)", rt.spec.name, ", ".join(out), host)
+                    await self._program(rt)
 
     async def _claim(self, addr: str) -> None:
         if await asyncio.to_thread(vip.present, addr) is None:
