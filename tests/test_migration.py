@@ -380,6 +380,37 @@ def test_source_gridvmd_killed_after_the_switch_destination_owns_it(lab: LabEnv)
     lab.gridvm("destroy", "owned", host="h2")
 
 
+def test_a_copy_that_cannot_converge_is_cancelled_or_auto_converges(lab: LabEnv) -> None:
+    disk = Path(lab.tmp) / "dirty.img"
+    procs.run(["qemu-img", "create", "-q", "-f", "raw", str(disk), "64M"])
+    ip = boot(lab, "h1", "dirty", 11, f"disk = [ 'file:{disk},xvdb,w' ]")
+    stop = threading.Event()
+
+    def dirty() -> None:       # ~30 MiB/s of page cache rewritten, over a 16 MiB/s link
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                httpprobe.http_get(ip, "/fill?mb=16", timeout=30)
+
+    dirtier = threading.Thread(target=lambda: netns.call_in(lab.ns("client"), dirty),
+                               daemon=True)
+    dirtier.start()
+    try:
+        time.sleep(2)
+        slow = ("--live", "--bandwidth", "16", "--downtime-ms", "20")
+        t0 = time.monotonic()
+        error = lab.fails("migrate", *slow, "dirty", f"{lab.name}/h2", host="h1")
+        assert "it cannot converge" in error and "--auto-converge" in error
+        assert "keeps running on this host" in error and time.monotonic() - t0 < 90
+        assert_one(lab, "dirty", "h1", ip)
+        wait_for("h2 to clean up", lambda: views(lab, "h2") == [])
+        migrate(lab, "dirty", "h1", "h2", *slow, "--auto-converge")
+        assert_one(lab, "dirty", "h2", ip)
+    finally:
+        stop.set()
+        dirtier.join(timeout=60)
+    lab.gridvm("destroy", "dirty", host="h2")
+
+
 def test_second_migration_and_destroy_are_refused_during_a_migration(lab: LabEnv) -> None:
     ip = boot(lab, "h1", "busy", 9)
     fut = migrate_bg(lab, "busy", "h1", "h2", "--live", "--bandwidth", "2")
