@@ -100,9 +100,9 @@ def main(argv: list[str] | None = None) -> None:
             pyroute2_netns.setns(args.netns, flags=0)
         home.ensure()
         lock = _lock(home)
-        guard = (load_token(home, create=True), Allowlist(args.relocation_hosts_allow)) \
-            if args.listen else None
-        sockets = bind_sockets(home, args.listen)
+        allow = Allowlist(args.relocation_hosts_allow)
+        sockets = bind_sockets(home, args.listen)          # checks --listen
+        guard = (load_token(home, create=True), allow) if args.listen else None
     except (GridvmError, OSError) as exc:
         print(f"gridvmd: error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None

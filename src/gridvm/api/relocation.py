@@ -95,6 +95,7 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 def bind_sockets(home: Home, listen: str | None) -> list[socket.socket]:
     """The API's Unix socket and, with `listen`, its TCP socket (both listening)."""
+    where = parse_listen(listen) if listen else None
     path = home.api_socket
     path.unlink(missing_ok=True)
     unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -102,8 +103,8 @@ def bind_sockets(home: Home, listen: str | None) -> list[socket.socket]:
     os.chmod(path, 0o666)        # as uvicorn does for uds=
     unix.listen(128)
     sockets = [unix]
-    if listen:
-        host, port = parse_listen(listen)
+    if where:
+        host, port = where
         tcp = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
                             socket.SOCK_STREAM)
         tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -112,6 +113,7 @@ def bind_sockets(home: Home, listen: str | None) -> list[socket.socket]:
         except OSError as exc:
             tcp.close()
             unix.close()
+            path.unlink(missing_ok=True)
             raise GridvmError(f"cannot listen on {listen}: {exc.strerror}") from None
         tcp.listen(128)
         sockets.append(tcp)

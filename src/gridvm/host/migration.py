@@ -458,10 +458,13 @@ class Migrations:
             while True:
                 try:
                     info = await mon.execute("query-migrate", timeout=10)
-                except QemuError:
+                except QemuError as exc:
                     if not procs.pid_alive(vm.pid):
                         raise QemuError("QEMU exited during the incoming migration") from None
-                    raise
+                    # Never give up on a live QEMU without knowing it has not arrived.
+                    log.warning("%s: incoming migration: %s", inc.name, exc)
+                    await asyncio.sleep(POLL_S)
+                    continue
                 status = info.get("status")
                 if status == "completed":
                     return
