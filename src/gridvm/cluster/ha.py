@@ -40,12 +40,14 @@ log = logging.getLogger("gridvm.ha")
 ROUND_S = 0.25
 LOOP_LIMIT = 3
 LOOP_WINDOW_S = 300.0
+OBSERVE_GAP_S = 2.0   # sightings older than a gap this long in observing are forgotten
 
 
 class HaManager:
     def __init__(self, node: ClusterNode) -> None:
         self.node = node
         self.dead_since: dict[str, float] = {}
+        self.observed_at = 0.0
         self.unplaced: set[str] = set()
 
     @property
@@ -58,6 +60,9 @@ class HaManager:
         if states is None:
             states = self.cluster.host_states()
         now = time.monotonic()
+        if now - self.observed_at > OBSERVE_GAP_S:   # not watching all along: start afresh
+            self.dead_since.clear()
+        self.observed_at = now
         for host, state in states.items():
             if state == "down":
                 self.dead_since.setdefault(host, now)
