@@ -232,11 +232,16 @@ def test_live_migration_back_and_forth_under_a_polling_client(lab: LabEnv) -> No
 
 
 def test_non_live_migration_pauses_copies_and_resumes(lab: LabEnv) -> None:
-    ip = boot(lab, "h1", "cold", 2)
+    ip = lab.guest_ip(2)      # a managed domain (xm new + start): its definition moves too
+    lab.gridvm("new", str(lab.write_cfg("cold", "bridge=xenbr0",
+                                        f'ip = "{ip}"\nnetmask = "255.255.255.0"')), host="h1")
+    lab.gridvm("start", "cold", host="h1")
+    assert lab.wait_http(ip) == "cold"
     boot_id = lab.http(ip, "/bootid")
     migrate(lab, "cold", "h1", "h2")
     assert_one(lab, "cold", "h2", ip)
     assert state(lab, "h2", "cold") == "running"
+    assert views(lab, "h1") == [] and views(lab, "h2")[0]["managed"]
     assert lab.http(ip, "/bootid") == boot_id
     # a domain paused by its user stays paused where it arrives
     lab.gridvm("pause", "cold", host="h2")
@@ -245,6 +250,7 @@ def test_non_live_migration_pauses_copies_and_resumes(lab: LabEnv) -> None:
     lab.gridvm("unpause", "cold", host="h1")
     assert lab.wait_http(ip) == "cold" and lab.http(ip, "/bootid") == boot_id
     lab.gridvm("destroy", "cold", host="h1")
+    lab.gridvm("delete", "cold", host="h1")
     assert_nothing_left(lab, "h2", "cold")
 
 
