@@ -215,3 +215,117 @@ def test_power_loss_restarts_ha_domains_elsewhere_even_the_managers_host(cl: Lab
     assert sum(qemus(cl, h, "web2") for h in ("h1", "h2", "h3")) == 1
     for name in ("web1", "web2"):
         cl.gridvm("destroy", name, host=others[1])
+
+
+# ----- evacuate -------------------------------------------------------------------------------
+
+
+class Poller:
+    """A client in the lab's client namespace: GET / every 20 ms, each request allowed 3
+    tries of 1 s; counts requests and failed requests."""
+
+    def __init__(self, cl: LabEnv, ip: str) -> None:
+        self.ip = ip
+        self.requests = self.failures = self.retries = 0
+        self.events: list[tuple[float, str]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=lambda: netns.call_in(cl.ns("client"),
+                                                                    self._run), daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            for _ in range(3):
+                t0 = time.monotonic()
+                try:
+                    httpprobe.http_get(self.ip, "/", timeout=1.0)
+                    break
+                except OSError as exc:
+                    self.retries += 1
+                    self.events.append((t0, repr(exc)))
+            else:
+                self.failures += 1
+            self.requests += 1
+            time.sleep(0.02)
+
+    def __enter__(self) -> Poller:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+
+
+def qemu_pids(cl: LabEnv, host: str, name: str) -> list[int]:
+    return sorted(p for p in labmod.namespace_pids(cl.ns(host))
+                  if f"process=gridvm:{name}" in " ".join(procs.cmdline(p)))
+
+
+def all_up(cl: LabEnv) -> None:
+    wait_for("every host up", lambda: all(r["state"] == "up" for r in hosts(cl).values()))
+
+
+@pytest.mark.timeout(600)
+def test_evacuate_empties_a_host_live_then_maintenance(cl: LabEnv) -> None:
+    all_up(cl)
+    victim, keeper, third = "h2", "h1", "h3"
+    ha_create(cl, "ev1", 21, "--host", victim, group="evac")
+    ha_create(cl, "ev2", 22, "--host", victim, group="ev2")
+    ha_create(cl, "ev3", 23, "--host", keeper, group="evac")   # ev1 must avoid h1
+    for n, name in ((21, "ev1"), (22, "ev2"), (23, "ev3")):
+        assert cl.wait_http(cl.guest_ip(n)) == name
+    with Poller(cl, cl.guest_ip(21)) as p1, Poller(cl, cl.guest_ip(22)) as p2:
+        time.sleep(1)
+        t0 = time.monotonic()
+        proc = cl.gridvm("host", "evacuate", victim, "--json", host=keeper, timeout=500)
+        t1 = time.monotonic()
+        time.sleep(1)
+    res = json.loads(proc.stdout)
+    assert res["host"] == victim and res["maintenance"] and res["left"] == []
+    moved = {m["domain"]: m["to"] for m in res["moved"]}
+    assert moved.keys() == {"ev1", "ev2"} and moved["ev1"] == third   # anti-affinity held
+    assert victim not in moved.values()
+    for p in (p1, p2):
+        assert p.requests > 5 and p.failures == 0, (p.requests, p.failures, p.retries,
+                                                      [(round(t - t0, 2), e) for t, e in p.events],
+                                                      res, round(t1 - t0, 2))
+    rows = hosts(cl)
+    assert rows[victim]["state"] == "maintenance" and rows[victim]["domains"] == []
+    v = views(cl)
+    assert v["ev1"]["host"] == third and v["ev2"]["host"] == moved["ev2"]
+    assert all(v[n]["state"] == "running" for n in ("ev1", "ev2", "ev3"))
+    assert qemus(cl, victim, "ev1") == qemus(cl, victim, "ev2") == 0
+    for n, name in ((21, "ev1"), (22, "ev2")):
+        assert cl.http(cl.guest_ip(n)) == name
+    # the host is empty and in maintenance: new domains go elsewhere
+    assert ha_create(cl, "ev4", 24, group="ev4") != victim
+    # human output: a line per domain
+    out = cl.gridvm("host", "evacuate", victim, host=third).stdout
+    assert "0 domain(s) moved; host is in maintenance" in out
+    cl.gridvm("host", "maintenance", victim, "off", host=keeper)
+    for name in ("ev1", "ev2", "ev3", "ev4"):
+        cl.gridvm("destroy", name, host=keeper)
+    assert views(cl) == {}
+
+
+def test_evacuate_refuses_without_room_and_moves_nothing(cl: LabEnv) -> None:
+    all_up(cl)
+    assert "unknown host 'h9' (hosts: h1, h2, h3)" in cl.fails("host", "evacuate", "h9",
+                                                                host="h1")
+    victim = "h3"
+    ha_create(cl, "free1", 25, "--host", victim, group="free1")
+    pinned = cl.write_cfg("pinned1", "bridge=xenbr0", f'ip = "{cl.guest_ip(26)}"\n'
+                          'netmask = "255.255.255.0"\nha = "restart"\nhosts = ["h3"]\n')
+    cl.gridvm("create", str(pinned), host="h1")
+    before = {n: qemu_pids(cl, victim, n) for n in ("free1", "pinned1")}
+    msg = cl.fails("host", "evacuate", victim, host="h1")
+    assert msg.startswith("cannot evacuate h3: no host fits domain pinned1"), msg
+    assert "h1: not in the domain's hosts (h3)" in msg and \
+        "h2: not in the domain's hosts (h3)" in msg and msg.endswith("nothing was moved"), msg
+    v = views(cl)
+    assert v["free1"]["host"] == v["pinned1"]["host"] == victim
+    assert qemus(cl, victim, "free1") == qemus(cl, victim, "pinned1") == 1
+    assert before == {n: qemu_pids(cl, victim, n) for n in ("free1", "pinned1")}
+    assert hosts(cl)[victim]["state"] == "up"          # not put in maintenance either
+    for name in ("free1", "pinned1"):
+        cl.gridvm("destroy", name, host="h1")

@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> None:
         allow = Allowlist(args.relocation_hosts_allow)
         sockets = bind_sockets(home, args.listen)          # checks --listen
         guard = (load_token(home, create=True), allow) if args.listen else None
+        if args.listen:     # peers in a cluster ask where to migrate to (evacuate)
+            os.environ["GRIDVM_LISTEN"] = args.listen
     except (GridvmError, OSError) as exc:
         print(f"gridvmd: error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import urllib.parse
 from typing import Any
 
@@ -25,11 +26,14 @@ from pydantic import BaseModel
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gridvm.api.relocation import parse_listen
 from gridvm.cluster.node import LOCAL_HEADER, ClusterNode
-from gridvm.cluster.placement import Demand, loads_from, place, why_not
+from gridvm.cluster.placement import Demand, NoHostFits, loads_from, place, why_not
 from gridvm.cluster.settings import ClusterConfig
 from gridvm.config.model import DomainConfig
 from gridvm.errors import Conflict, GridvmError, NotFound, ResourceError
+
+LISTEN_ENV = "GRIDVM_LISTEN"    # gridvmd --listen, for peers asking where to migrate to
 
 
 class MaintenanceRequest(BaseModel):
@@ -55,7 +59,78 @@ def cluster_routes(node: ClusterNode) -> APIRouter:
     async def maintenance(name: str, req: MaintenanceRequest) -> dict[str, Any]:
         return await asyncio.to_thread(set_maintenance, node, name, req.on)
 
+    @router.get("/hosts/{name}/evacuation")
+    async def evacuation(name: str) -> dict[str, Any]:
+        plan = await asyncio.to_thread(evacuation_plan, node, name)
+        for step in plan["moves"]:
+            step["target"] = await asyncio.to_thread(relocation_of, node, step["to"])
+        return plan
+
+    @router.get("/relocation")
+    async def relocation() -> dict[str, Any]:
+        return {"address": relocation_address()}
+
     return router
+
+
+MOVABLE = ("running", "blocked", "paused")
+
+
+def relocation_address() -> str | None:
+    """This gridvmd's relocation address (ADDR:PORT), if it listens on TCP."""
+    listen = os.environ.get(LISTEN_ENV, "").strip()
+    if not listen:
+        return None
+    host, port = parse_listen(listen)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def relocation_of(node: ClusterNode, host: str) -> str:
+    """Another host's relocation address, asked of its gridvmd."""
+    c = node.peer(host, timeout=10)
+    try:
+        address = c.get("/cluster/relocation").get("address")
+    finally:
+        c.close()
+    if not address:
+        raise Conflict(f"host {host}'s gridvmd does not listen for migrations "
+                       "(gridvmd --listen ADDR)")
+    return str(address)
+
+
+def evacuation_plan(node: ClusterNode, name: str) -> dict[str, Any]:
+    """Where each running domain of `name` goes, by placement over the other hosts (largest
+    first, each placement counting against its host). Raises before anything moves: the
+    host is unknown or down, or some domain fits nowhere (with each host's reason)."""
+    ccfg, cluster = node.need()
+    states = cluster.host_states()
+    if name not in states:
+        raise NotFound(f"unknown host {name!r} (hosts: {', '.join(sorted(states))})")
+    if states[name] not in ("up", "maintenance"):
+        raise Conflict(f"host {name} is {states[name]}: there is nothing to migrate from it "
+                       "(HA restarts its domains elsewhere)")
+    registry = cluster.domains()
+    loads = loads_from(states, cluster.capacity(), registry)
+    others = [h for n, h in sorted(loads.items()) if n != name]
+    mine = sorted(((uuid, DomainConfig.model_validate(rec["config"]), rec)
+                   for uuid, rec in registry.items() if rec.get("host") == name),
+                  key=lambda t: (-Demand.of(t[1]).memory_mb, -Demand.of(t[1]).cpu, t[1].name))
+    moves: list[dict[str, Any]] = []
+    left: list[dict[str, Any]] = []
+    for uuid, cfg, rec in mine:
+        if rec.get("state") not in MOVABLE:
+            left.append({"domain": cfg.name, "uuid": uuid, "state": rec.get("state")})
+            continue
+        demand = Demand.of(cfg)
+        try:
+            dest = place(demand, others, cpu_ratio=ccfg.cpu_ratio)
+        except NoHostFits as exc:
+            raise ResourceError(f"cannot evacuate {name}: {exc}; nothing was moved") from None
+        dest.add(demand)
+        moves.append({"domain": cfg.name, "uuid": uuid, "from": name, "to": dest.name,
+                      "memory_mb": demand.memory_mb, "state": rec.get("state")})
+    return {"host": name, "state": states[name], "api": cluster.hosts()[name].get("api"),
+            "moves": moves, "left": left}
 
 
 def host_list(node: ClusterNode) -> list[dict[str, Any]]:

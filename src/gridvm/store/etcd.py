@@ -45,6 +45,8 @@ class ClusterStore:
         self.host = host
         self.files = files
         self.dirty = False
+        self.moved_away: set[str] = set()   # migrated to another host: leave the registry be
+        self.claims: set[str] = set()       # migrated here: registry not yet given to us
 
     def fenced(self) -> bool:
         return self.files.fenced.exists()
@@ -98,7 +100,23 @@ class ClusterStore:
             return
         if rec.domid is not None:
             (self.files.ha / str(rec.domid)).unlink(missing_ok=True)
+        if uuid in self.moved_away:         # the destination takes the record and the name
+            self.moved_away.discard(uuid)
+            return
         self._etcd(lambda: self._unregister(rec))
+
+    def claim(self, rec: DomainRecord) -> None:
+        """A live migration to this host completed: the registry record (and the name) are
+        now this host's, whatever the source has done with them so far."""
+        self.claims.add(rec.uuid)
+        self._etcd(lambda: self._claim(rec))
+
+    def _claim(self, rec: DomainRecord) -> None:
+        got = self.cluster.domain_kv(rec.uuid)
+        self.cluster.etcd.put_json(self.cluster.key("domains", rec.uuid),
+                                   registry_record(rec, self.host, got[0] if got else None))
+        self.cluster.reserve_name(rec.name, rec.uuid)
+        self.claims.discard(rec.uuid)
 
     def _unregister(self, rec: DomainRecord) -> None:
         got = self.cluster.domain_kv(rec.uuid)
@@ -146,6 +164,12 @@ class ClusterStore:
         stale = []
         for r in local.values():
             g = reg.get(r.uuid)
+            if r.uuid in self.claims:
+                try:
+                    self._claim(r)
+                except Conflict as exc:
+                    log.error("%s: %s", r.name, exc)
+                continue
             if g and g.get("host") != self.host:
                 stale.append(r)
                 continue
