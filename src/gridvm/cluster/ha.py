@@ -1,6 +1,6 @@
 """The HA manager: runs on the elected host only (etcd election `gridvm/election/ha`).
 
-Each round (every 0.25 s, and at once when this host is elected) it:
+Each round (every 0.5 s, and at once when this host is elected) it:
 1. notices joined hosts whose lease has expired (`alive/<h>` gone). The host's watchdog
    killed its HA domains before the lease could expire; the manager still waits `margin`
    seconds after the expiry was first seen (so at least TTL + margin after the host's last
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gridvm.ha")
 
-ROUND_S = 0.25
+ROUND_S = 0.5
 LOOP_LIMIT = 3
 LOOP_WINDOW_S = 300.0
 OBSERVE_GAP_S = 2.0   # sightings older than a gap this long in observing are forgotten

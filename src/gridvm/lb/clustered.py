@@ -12,9 +12,9 @@ exists — known before gridvmd has even rejoined, so a host coming back never g
   leader holds the address and announces it with gratuitous ARP; when the owner dies its
   lease expires and a standby is elected. An election that changes wakes the owner loop
   (`changed`) at once, so a standby claims the VIP the moment etcd elects it. A VIP taken
-  over from another host (`taken_from`) first takes that host's backends out of rotation
-  until they pass `rise` checks again: its owner just went silent, so its guests are
-  suspect, and a retried SYN must not be sent to a dead backend.
+  over from another host (`taken_from`) first takes that host's backends whose last check
+  failed out of rotation (fall = 1) until they pass `rise` checks again: their host just
+  went silent, and a client's retried SYN must not be sent to a dead backend.
 
 This is the one place the lb layer reaches up into cluster/: to reuse its etcd client,
 lease and election rather than grow a second one.

@@ -251,7 +251,8 @@ class ServiceManager:
                     log.info("%s: added from the cluster", name)
 
     async def _suspect(self, addr: str) -> None:
-        """Taking `addr` over from a host that went silent: its backends out until proven."""
+        """Taking `addr` over from a host that went silent: that host's backends whose last
+        check failed leave rotation now (fall = 1) and return after `rise` passes."""
         host = self.peers.taken_from(addr)
         if host is None:
             return
@@ -260,7 +261,8 @@ class ServiceManager:
                 if rt.spec.vip != addr:
                     continue
                 out = [d for d, st in rt.states.items()
-                       if st.host == host and st.hyst.up and st.hyst.force_down()]
+                       if st.host == host and st.hyst.up and st.hyst.failures > 0
+                       and st.hyst.force_down()]
                 if out:
                     for d in out:
                         rt.states[d].since, rt.states[d].last = time.time(), f"{host} went silent"
