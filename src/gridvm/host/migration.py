@@ -49,6 +49,7 @@ log = logging.getLogger("gridvm.migration")
 RELOCATION_PORT = 8002              # xend's relocation port
 HOLD_ENV = "GRIDVM_MIGRATION_HOLD"  # tests: a directory of gates (see `hold`)
 POLL_S = 0.05
+PROGRESS_S = 0.25                   # query-migrate at most this often between QEMU's events
 PEER_CHECK_S = 1.0
 PEER_MISSES = 3                     # unanswered status checks before the source gives up
 SETTLE_S = 30.0
@@ -478,8 +479,8 @@ class Migrations:
                     raise _Abort("aborted by the source")
                 if time.time() > inc.deadline:
                     raise _Abort("the source did not complete the migration in time")
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(events.get(), POLL_S)
+                with contextlib.suppress(TimeoutError):   # QMP here shares the stream's loop
+                    await asyncio.wait_for(events.get(), PROGRESS_S)
 
     async def _arrived(self, inc: Incoming, vm: Vm) -> None:
         """The domain runs here now: resume it if asked, announce it, record it."""
@@ -835,7 +836,7 @@ class _Outgoing:
         """Follow QEMU's migration to `completed`; handle the switchover pause."""
         mon = self.mon
         passes: dict[int, int] = {}      # dirty-sync-count -> largest remaining seen
-        async with mon.listen("MIGRATION") as events:
+        async with mon.listen("MIGRATION", "MIGRATION_PASS") as events:
             while True:
                 info: dict[str, Any] = await mon.execute("query-migrate", timeout=10)
                 self.job.info = info
@@ -857,8 +858,8 @@ class _Outgoing:
                                  self.limit)
                         await mon.execute("migrate-set-parameters",
                                           {"downtime-limit": self.limit})
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(events.get(), POLL_S)
+                with contextlib.suppress(TimeoutError):   # each pass and state change wakes
+                    await asyncio.wait_for(events.get(), PROGRESS_S)
 
     async def _figures(self, info: dict[str, Any]) -> dict[str, Any]:
         """QEMU's final figures (it reports `completed` a moment before it computes them);
@@ -977,16 +978,17 @@ class _Outgoing:
 
     async def _abort_peer(self) -> IncomingView | None:
         """Tell the destination to drop its half; its state afterwards (None: unreachable)."""
-        if self.peer is None or self.peer_id is None:
+        if self.peer is None:
             return IncomingView(id="", name=self.job.name, state="failed")
+        mid = self.peer_id or self.job.id    # a prepare that timed out may still have worked
         try:
-            return await self.peer.abort(self.peer_id)
+            return await self.peer.abort(mid)
         except PeerUnreachable as exc:
             log.warning("%s: cannot reach the destination to abort: %s", self.job.name, exc)
             return None
         except GridvmError as exc:      # it does not know the migration: nothing left there
-            log.warning("%s: abort: %s", self.job.name, exc)
-            return IncomingView(id=self.peer_id, name=self.job.name, state="failed")
+            log.info("%s: abort: %s", self.job.name, exc)
+            return IncomingView(id=mid, name=self.job.name, state="failed")
 
     async def _retire_source(self) -> None:
         """The destination runs the domain: remove it here (definition included)."""
