@@ -50,6 +50,19 @@ def lab(tiny_image: ImageInfo, tmp_path_factory: pytest.TempPathFactory) -> Iter
             os.environ[HOLD_ENV] = old
 
 
+@pytest.fixture(autouse=True)
+def clean_hosts(lab: LabEnv) -> Iterator[None]:
+    """After each test both hosts run nothing, so one failure does not cascade."""
+    yield
+    for host in ("h1", "h2"):
+        if not procs.pid_alive(lab.state.host(host).pid or 0):
+            restart_daemon(lab, host)
+        for view in views(lab, host):
+            if view["domid"] is not None:
+                lab.gridvm("destroy", view["uuid"], host=host, check=False)
+            lab.gridvm("delete", view["uuid"], host=host, check=False)
+
+
 # ----- helpers -------------------------------------------------------------------------------
 
 
@@ -167,7 +180,7 @@ def restart_daemon(lab: LabEnv, host: str) -> None:
 
 
 class Poller:
-    """A client on the LAN: GET / every 10 ms, each request allowed 3 tries of 1 s (as a
+    """A client on the LAN: GET / every 10 ms, each request allowed 3 tries of 2 s (as a
     browser retries); counts requests, retries and failed requests."""
 
     def __init__(self, lab: LabEnv, ip: str) -> None:
@@ -183,7 +196,7 @@ class Poller:
             t0 = time.monotonic()
             for _ in range(3):
                 try:
-                    httpprobe.http_get(self.ip, "/", timeout=1.0)
+                    httpprobe.http_get(self.ip, "/", timeout=2.0)
                     break
                 except OSError:
                     self.retries += 1
