@@ -52,6 +52,7 @@ def test_pv_guest_lifecycle(host: HostEnv) -> None:
     assert view(host, v["uuid"])["name"] == "web1"
     host.gridvm("pause", domid)
     assert view(host, "web1")["state"] == "paused"
+    assert [d["state"] for d in host.domains() if d["name"] == "web1"] == ["paused"]
     with pytest.raises(OSError):
         host.http(ip, "/health", timeout=1.0)
     host.gridvm("unpause", "web1")

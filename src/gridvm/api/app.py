@@ -109,7 +109,8 @@ def make_app(manager: HostManager) -> FastAPI:
 
     @app.get("/v1/domains")
     async def domains() -> list[dict[str, Any]]:
-        return [await m.live_view(r) for r in m.store.all()]
+        # A running domain's record in memory is fresher than the stored one (paused, …).
+        return [await m.live_view(m.lookup(r.uuid)) for r in m.store.all()]
 
     @app.post("/v1/domains")
     async def create(req: CreateRequest) -> dict[str, Any]:
