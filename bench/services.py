@@ -18,8 +18,19 @@ Each request is one HTTP/1.0 GET / on a new TCP connection (the server closes af
 answer), made by `--concurrency` asyncio workers for `--seconds`. Paths are measured in
 interleaved rounds so a drift in the backends' speed affects all of them alike.
 
+With `--poweroff N` it measures instead what clients see when a host loses power: per
+trial a fresh two-host lab cluster (lease TTL 2 s) with one guest on each host behind one
+virtual service (tcp checks every 0.5 s, fall 2), client load at the VIP, and after 3 s
+`lab poweroff` of the VIP's owner (odd trials) or of the other host (even trials); the
+load goes on for 8 s more. The load is open-loop (`--rate` requests/s, `--timeout` each),
+so requests hung on the dead host do not hold new ones back. Reported: requests; failures
+split into those in flight at the power-off and those sent after it; the longest time
+between two answers; the slowest answer to a request sent after the power-off; when the
+VIP was up on the survivor.
+
     .venv/bin/python bench/services.py [--guests 2] [--seconds 5] [--rounds 2]
                                        [--concurrency 16] [--accel auto|kvm|tcg] [--json]
+    .venv/bin/python bench/services.py --poweroff 4 [--rate 20] [--timeout 5] [--json]
 """
 
 from __future__ import annotations
@@ -33,15 +44,19 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from gridvm.api.client import Client
 from gridvm.config.model import DomainConfig, NetParams, VifSpec
+from gridvm.errors import GridvmError
 from gridvm.host import httpprobe, netns
 from gridvm.images.tiny import build_tiny
+from gridvm.lab import cluster as labcluster
 from gridvm.lab import lab as labmod
 from gridvm.lb import vip as vipmod
 from gridvm.lb.director import Director, Programmed
@@ -183,6 +198,173 @@ def measure(ns: str, paths: dict[str, list[tuple[str, int]]], args: argparse.Nam
     return {p: summary(rs) for p, rs in runs.items()}
 
 
+# ----- a host powered off under load --------------------------------------------------------
+
+
+async def _steady(vip: str, port: int, stop: asyncio.Event, rate: float, timeout: float,
+                  errors: Counter[str]) -> list[tuple[float, float, bool]]:
+    """Open-loop load: a request every 1/rate s until `stop`, whatever the earlier ones are
+    doing (a hung request does not hold the next back); (start, end, ok) per request, and
+    failures counted by kind in `errors`."""
+    log: list[tuple[float, float, bool]] = []
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def one(t0: float) -> None:
+        try:
+            ok = await _get(vip, port, timeout)
+        except (OSError, TimeoutError) as exc:
+            ok = False
+            errors[type(exc).__name__] += 1
+        log.append((t0, time.monotonic(), ok))
+
+    due = time.monotonic()
+    while not stop.is_set():
+        task = asyncio.create_task(one(time.monotonic()))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        due += 1 / rate
+        await asyncio.sleep(max(0.0, due - time.monotonic()))
+    await asyncio.gather(*tasks)
+    return log
+
+
+class Steady:
+    """`_steady` in the lab's client namespace, in a thread of its own."""
+
+    def __init__(self, ns: str, vip: str, port: int, rate: float, timeout: float) -> None:
+        self.log: list[tuple[float, float, bool]] = []
+        self.errors: Counter[str] = Counter()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        started = threading.Event()
+
+        async def run() -> None:
+            self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+            started.set()
+            self.log = await _steady(vip, port, self._stop, rate, timeout, self.errors)
+
+        self._thread = threading.Thread(target=lambda: netns.call_in(
+            ns, lambda: asyncio.run(run())), daemon=True)
+        self._thread.start()
+        started.wait(10)
+
+    def stop(self) -> None:
+        assert self._loop is not None and self._stop is not None
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout=30)
+
+    def report(self, t_off: float) -> dict[str, Any]:
+        """Failures split into requests in flight at the power-off and requests sent after
+        it; the longest time between two answers; the slowest answer sent after it."""
+        log = self.log
+        ends = sorted(end for _, end, ok in log if ok)
+        slow = max((end - start for start, end, ok in log if ok and start >= t_off),
+                   default=0.0)
+        gap = max((b - a for a, b in zip(ends, ends[1:], strict=False)), default=0.0)
+        return {"requests": len(log), "failed": sum(not ok for *_, ok in log),
+                "failed_in_flight": sum(not ok and start < t_off for start, _, ok in log),
+                "failed_new": sum(not ok and start >= t_off for start, _, ok in log),
+                "longest_gap_s": round(gap, 3), "slowest_new_s": round(slow, 3),
+                "errors": dict(self.errors)}
+
+
+def poweroff_trial(n: int, victim_role: str, image: Any, args: argparse.Namespace,
+                   say: Callable[[str], None]) -> dict[str, Any]:
+    """One fresh two-host lab cluster, one guest per host behind a service, one power-off."""
+    home = Home.resolve()
+    name = f"bp{os.getpid() % 10000}{n}"
+    state = labmod.plan(name, 2, root=Path(f"/tmp/gridvm-bench-{name}"), images=home.images,
+                        accel=args.accel, cluster=True, ttl=2)
+    labmod.up(state)
+    lan = ipaddress.IPv4Network(state.subnet)
+    clients = {h.name: Client(Home(Path(h.home)), timeout=300) for h in state.hosts}
+    vip = str(lan.network_address + 200)
+    try:
+        for i, h in enumerate(("h1", "h2"), 1):
+            cfg = DomainConfig(name=f"g{i}", memory=96, kernel=str(image.kernel),
+                               ramdisk=str(image.ramdisk), vifs=[VifSpec(bridge="xenbr0")],
+                               net=NetParams(ip=str(lan.network_address + 100 + i),
+                                             netmask=str(lan.netmask), hostname=f"g{i}"))
+            deadline = time.monotonic() + 30
+            while True:                         # until both hosts have joined the cluster
+                try:
+                    clients["h1"].post("/domains", {"config": cfg.model_dump(mode="json")},
+                                       params={"host": h})
+                    break
+                except GridvmError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.5)
+        for i in (1, 2):
+            wait_answer(state.client.ns, str(lan.network_address + 100 + i), 80)
+        clients["h1"].post("/services", {"name": "web", "vip": vip, "port": 80,
+                                         "scheduler": "rr", "check": "tcp", "interval": 0.5,
+                                         "rise": 2, "fall": 2,
+                                         "backends": [{"domain": "g1"}, {"domain": "g2"}]})
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(GridvmError):        # until the spec reaches h2
+                views = {h: c.get("/services/web") for h, c in clients.items()}
+                owner = views["h1"]["vip_owner"]
+                if owner and all(b["in_rotation"] for v in views.values()
+                                 for b in v["backends"]):
+                    break
+            if time.monotonic() > deadline:
+                raise GridvmError("the service did not come up in 60 s")
+            time.sleep(0.2)
+        victim = owner if victim_role == "owner" else ("h2" if owner == "h1" else "h1")
+        survivor = "h2" if victim == "h1" else "h1"
+        load = Steady(state.client.ns, vip, 80, args.rate, args.timeout)
+        time.sleep(3)
+        say(f"trial {n}: powering off {victim} ({victim_role})")
+        t_off = time.monotonic()
+        labcluster.poweroff(state, victim)
+        vip_at = None
+        while time.monotonic() - t_off < 8:
+            if vip_at is None and victim_role == "owner" and \
+                    clients[survivor].get("/services/web")["vip_interface"]:
+                vip_at = round(time.monotonic() - t_off, 2)
+            time.sleep(0.05)
+        load.stop()
+        return {"trial": n, "powered_off": victim_role, "vip_on_survivor_s": vip_at,
+                **load.report(t_off)}
+    finally:
+        for c in clients.values():
+            c.close()
+        labmod.down(name)
+
+
+def poweroff_main(args: argparse.Namespace, say: Callable[[str], None]) -> None:
+    image = build_tiny(Home.resolve().images)
+    trials = [poweroff_trial(n, "owner" if n % 2 else "standby", image, args, say)
+              for n in range(1, args.poweroff + 1)]
+    if args.json:
+        print(json.dumps({"rate": args.rate, "timeout_s": args.timeout, "trials": trials},
+                         indent=2))
+        return
+    print(f"host power-off under load: {args.rate:g} requests/s (open loop), "
+          f"{args.timeout:g}s timeout each, lease TTL 2s, checks 0.5s×2")
+    print("failed: in flight = sent before the power-off (to a backend or a director on the "
+          "dead host: no balancer saves those); new = sent after it")
+    print(f"{'trial':<6}{'host off':<9}{'requests':>9}{'in flight':>10}{'new':>5}"
+          f"{'longest gap':>13}{'slowest new':>13}{'VIP moved':>11}")
+    for t in trials:
+        moved = f"{t['vip_on_survivor_s']:.2f}s" if t["vip_on_survivor_s"] else "-"
+        print(f"{t['trial']:<6}{t['powered_off']:<9}{t['requests']:>9}"
+              f"{t['failed_in_flight']:>10}{t['failed_new']:>5}{t['longest_gap_s']:>12.2f}s"
+              f"{t['slowest_new_s']:>12.2f}s{moved:>11}")
+    reqs, failed = sum(t["requests"] for t in trials), sum(t["failed"] for t in trials)
+    new = sum(t["failed_new"] for t in trials)
+    print(f"all: {failed} of {reqs} requests failed ({100 * failed / max(reqs, 1):.2f}%), "
+          f"{new} of them sent after the power-off; longest gap "
+          f"{max(t['longest_gap_s'] for t in trials):.2f}s")
+    errors: Counter[str] = Counter()
+    for t in trials:
+        errors.update(t["errors"])
+    if errors:
+        print("failures by kind: " + ", ".join(f"{k} {v}" for k, v in errors.items()))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--guests", type=int, default=2)
@@ -190,8 +372,17 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds per path")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"])
+    ap.add_argument("--poweroff", type=int, default=0, metavar="N",
+                    help="instead: N host power-off trials under load")
+    ap.add_argument("--rate", type=float, default=20.0,
+                    help="requests/s (--poweroff; one tiny TCG guest refuses some at 50)")
+    ap.add_argument("--timeout", type=float, default=5.0, help="per request (--poweroff)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    if args.poweroff:
+        poweroff_main(args, (lambda m: None) if args.json else (
+            lambda m: print(m, file=sys.stderr, flush=True)))
+        return
     home = Home.resolve()
     image = build_tiny(home.images)
     name = f"bs{os.getpid() % 100000}"

@@ -1,5 +1,6 @@
-"""Virtual services in a two-host lab cluster: shared specs, backends on both hosts, and a
-VIP that moves when its owner loses power (client load running throughout)."""
+"""Virtual services in a two-host lab cluster: shared specs, backends on both hosts, a VIP
+that moves when its owner loses power, and a standby host's backends leaving rotation as
+soon as it falls silent (client load running throughout)."""
 
 from __future__ import annotations
 
@@ -111,6 +112,8 @@ def test_vip_moves_when_its_owner_dies_and_backends_follow_ha(cl: LabEnv) -> Non
           f"after the power-off")
     assert load.longest_gap() < TTL + 4
     assert show(cl, other, "web")["vip_owner"] == other
+    # the survivor noticed the silence through adverts (before any lease could expire)
+    assert f"adverts: {owner} silent" in cl.gridvm("log", "-n", "1000", host=other).stdout
 
     # the old owner comes back: it rejoins as a standby and does not take the VIP back
     cl.gridvm("lab", "poweron", owner, "--name", cl.name)
@@ -126,3 +129,45 @@ def test_vip_moves_when_its_owner_dies_and_backends_follow_ha(cl: LabEnv) -> Non
     for h in ("h1", "h2"):
         assert "gridvm_lb_" not in cl.run_in(h, "nft", "list", "tables")
         assert f"{vip}/32" not in cl.run_in(h, "ip", "-4", "addr", "show")
+
+
+def test_a_silent_standby_host_loses_its_backends_at_once(cl: LabEnv) -> None:
+    """The VIP's owner stays; the other host dies with one backend on it. Its backend
+    leaves rotation when its adverts stop (0.5 s), not after `fall` failed checks."""
+    hosts = {"w3": "h1", "w4": "h2"}
+    for n, (name, host) in enumerate(hosts.items(), 3):
+        cfg = cl.write_cfg(name, "bridge=xenbr0", f'ip = "{cl.guest_ip(n)}"\n'
+                           'netmask = "255.255.255.0"\n')
+        cl.gridvm("create", str(cfg), "--host", host, host="h1")
+    for n in (3, 4):
+        cl.wait_http(cl.guest_ip(n))
+    vip = cl.guest_ip(101)
+    cl.gridvm("service", "create", "web2", "--vip", f"{vip}:80", "--backends", "w3,w4",
+              "--check", "tcp", "--interval", "0.5", "--fall", "3", host="h1")
+    for h in ("h1", "h2"):
+        wait_for(f"{h} to route to both", lambda h=h: all(
+            b["in_rotation"] for b in show(cl, h, "web2")["backends"]), 30)
+    owner = wait_for("a VIP owner", lambda: show(cl, "h1", "web2")["vip_owner"])
+    standby = "h2" if owner == "h1" else "h1"
+    lost = next(d for d, h in hosts.items() if h == standby)
+    kept = next(d for d, h in hosts.items() if h == owner)
+
+    load = Load(cl, vip)
+    load.start()
+    time.sleep(2)
+    t_off = time.monotonic()
+    cl.gridvm("lab", "poweroff", standby, "--name", cl.name)
+    time.sleep(4)
+    load.stop.set()
+    load.join(timeout=5)
+    after = [b for t, b in load.log if t > t_off]
+    print(f"{standby} (standby) powered off: longest client gap {load.longest_gap():.2f}s; "
+          f"{after.count(None)} of {len(after)} requests failed after the power-off")
+    log = cl.gridvm("log", "-n", "1000", host=owner).stdout
+    assert f"backends {lost} out until they pass checks again ({standby} went silent)" in log
+    late = [b for t, b in load.log if t > t_off + 2.5]     # (t: when an answer ended)
+    assert late and late == [kept] * len(late)
+    assert load.longest_gap() < TTL + 4
+    assert show(cl, owner, "web2")["vip_owner"] == owner      # the VIP did not move
+    cl.gridvm("lab", "poweron", standby, "--name", cl.name)
+    cl.gridvm("service", "delete", "web2", host=owner)

@@ -96,6 +96,14 @@ def _wait(what: str, fn: Callable[[], bool], timeout: float) -> None:
         time.sleep(0.25)
 
 
+def _console(client: Client, name: str) -> str:
+    """The last lines of a domain's console (for an error message)."""
+    try:
+        return str(client.get(f"/domains/{name}/dmesg", params={"lines": 15})["text"])
+    except (GridvmError, OSError) as exc:
+        return f"(not readable: {exc})"
+
+
 def run(*, say: Callable[[str], None], warmup: float = 5.0, settle: float = 5.0,
         example: Path = EXAMPLE) -> dict[str, Any]:
     """Run the whole demo; return the report (see the module docstring)."""
@@ -126,10 +134,14 @@ def run(*, say: Callable[[str], None], warmup: float = 5.0, settle: float = 5.0,
                 _wait(f"{host} to take {cfg['name']} (hosts join the cluster)", create, 30)
                 names.append((cfg["name"], cfg["net"]["ip"], host))
         say(f"booting {len(names)} guests: " + ", ".join(f"{n}@{h}" for n, _, h in names))
-        for name, ip, _ in names:
+        for name, ip, host in names:
             def answers(ip: str = ip) -> bool:
                 return bool(httpprobe.get(ip, ns=state.client.ns, timeout=1.0))
-            _wait(f"{name} to answer", answers, 180)
+            try:
+                _wait(f"{name} to answer", answers, 180)
+            except GridvmError as exc:
+                raise GridvmError(f"{exc}; its console ends:\n" + _console(
+                    clients[host], name)) from None
         specs = _spec(topo, lan)
         for spec in specs:
             clients["h1"].post("/services", spec)

@@ -13,7 +13,11 @@ is known not to run leaves rotation at once; otherwise the checks decide.
 
 A sync task (every 0.25 s) keeps each VIP address on this host exactly while this host owns
 it: always without a cluster; in a cluster (gridvm.lb.clustered) while it wins the VIP's
-etcd election, and it also pulls the cluster's shared service specs.
+etcd election, and it also pulls the cluster's shared service specs, sends this host's
+adverts and acts on peers that fell silent (their backends out, their VIPs deposed).
+
+When a backend leaves rotation because it failed, its conntrack entries for the VIP are
+deleted, so clients' retransmissions are balanced again rather than sent after it.
 """
 
 from __future__ import annotations
@@ -200,9 +204,16 @@ class ServiceManager:
             self.peers.changed.clear()
 
     async def _own(self) -> None:
-        """Hold exactly the VIPs this host owns."""
+        """Hold exactly the VIPs this host owns; act on peers that fell silent."""
         wanted = {rt.spec.vip for rt in self.services.values()}
+        if self.peers.active():
+            await self.peers.advertise(await asyncio.to_thread(vip.lan_interfaces, wanted))
+            for host in self.peers.take_silent():
+                await self._sideline(host, "went silent")
+        silent = self.peers.newly_silent()
         for addr in sorted(wanted):
+            if not self.peers.owner(addr) and silent:
+                await self.peers.depose(addr, silent)
             if self.peers.owner(addr):
                 if addr not in self._owned:             # just elected
                     self._owned.add(addr)
@@ -251,24 +262,33 @@ class ServiceManager:
                     log.info("%s: added from the cluster", name)
 
     async def _suspect(self, addr: str) -> None:
-        """Taking `addr` over from a host that went silent: that host's backends whose last
-        check failed leave rotation now (fall = 1) and return after `rise` passes."""
+        """Taking `addr` over from another host: that host's backends whose last check
+        failed leave rotation now (fall = 1) and return after `rise` passes."""
         host = self.peers.taken_from(addr)
-        if host is None:
-            return
+        if host is not None:
+            await self._sideline(host, "its host lost the VIP", addr=addr, failing_only=True)
+
+    async def _sideline(self, host: str, why: str, *, addr: str | None = None,
+                        failing_only: bool = False) -> None:
+        """Take `host`'s backends out of rotation until they pass `rise` checks again (of
+        the services on VIP `addr`, or of all) — unless that would leave a service with
+        none."""
         async with self._lock:
             for rt in self.services.values():
-                if rt.spec.vip != addr:
+                if addr is not None and rt.spec.vip != addr:
                     continue
-                out = [d for d, st in rt.states.items()
-                       if st.host == host and st.hyst.up and st.hyst.failures > 0
-                       and st.hyst.force_down()]
-                if out:
-                    for d in out:
-                        rt.states[d].since, rt.states[d].last = time.time(), f"{host} went silent"
-                    log.info("%s: backends %s out until they pass checks again (VIP taken "
-                             "over from %s)", rt.spec.name, ", ".join(out), host)
-                    await self._program(rt)
+                ups = [d for d, st in rt.states.items() if st.hyst.up]
+                out = [d for d in ups if rt.states[d].host == host
+                       and (rt.states[d].hyst.failures > 0 or not failing_only)]
+                if not out or len(out) == len(ups):
+                    continue
+                for d in out:
+                    st = rt.states[d]
+                    st.hyst.force_down()
+                    st.since, st.last = time.time(), f"{host} {why}"
+                log.info("%s: backends %s out until they pass checks again (%s %s)",
+                         rt.spec.name, ", ".join(out), host, why)
+                await self._program(rt)
 
     async def _claim(self, addr: str) -> None:
         if await asyncio.to_thread(vip.present, addr) is None:
@@ -343,7 +363,25 @@ class ServiceManager:
         p = self._programmed(rt)
         if p != rt.programmed or new:
             await asyncio.to_thread(self.director.program, p, new=new)
-            rt.programmed = p
+            old, rt.programmed = rt.programmed, p
+            if old is not None:
+                await self._forget_failed(rt, old, p)
+
+    async def _forget_failed(self, rt: Runtime, old: Programmed, new: Programmed) -> None:
+        """Drop the conntrack entries of targets that left rotation because they failed
+        (not drained): a client's retried SYN is then balanced again, not sent to them."""
+        spec = rt.spec
+        down = {(st.ip, spec.target_port(b)) for b in spec.backends
+                if not b.drained and not (st := rt.states[b.domain]).hyst.up and st.ip}
+        left = {(t.ip, t.port) for t in old.targets} - {(t.ip, t.port) for t in new.targets}
+        if left & down:
+            try:
+                n = await asyncio.to_thread(conntrack.forget, spec.vip, spec.port, left & down)
+            except OSError as exc:
+                log.warning("%s: cannot clear conntrack entries: %s", spec.name, exc)
+                return
+            if n:
+                log.info("%s: %d connection(s) to failed backends forgotten", spec.name, n)
 
     # ----- the API's verbs ----------------------------------------------------------------------
 

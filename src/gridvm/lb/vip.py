@@ -17,13 +17,20 @@ from gridvm.host import netdevs
 ETH_P_ARP = 0x0806
 
 
-def interface_for(vip: str) -> str:
+def interface_for(vip: str, addresses: list[tuple[str, ipaddress.IPv4Interface]] | None = None
+                  ) -> str:
     """The interface a VIP belongs on: the one whose (non-/32) subnet contains it, else lo."""
     ip = ipaddress.IPv4Address(vip)
-    for ifname, addr in netdevs.all_addresses():
+    for ifname, addr in netdevs.all_addresses() if addresses is None else addresses:
         if addr.network.prefixlen < 32 and ip in addr.network and not addr.ip.is_loopback:
             return ifname
     return "lo"
+
+
+def lan_interfaces(vips: set[str]) -> set[str]:
+    """The LAN interfaces these VIPs belong on (their directors' adverts go there)."""
+    addresses = netdevs.all_addresses()
+    return {interface_for(v, addresses) for v in vips} - {"lo"}
 
 
 def present(vip: str) -> str | None:
