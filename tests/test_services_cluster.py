@@ -73,22 +73,30 @@ class Load(threading.Thread):
         return max((b - a for a, b in zip(ok, ok[1:], strict=False)), default=0.0)
 
 
-def test_vip_moves_when_its_owner_dies_and_backends_follow_ha(cl: LabEnv) -> None:
-    for n, (name, host) in enumerate((("w1", "h1"), ("w2", "h2")), 1):
+def pair_behind_vip(cl: LabEnv, service: str, first: int, extra: str, *check: str
+                    ) -> tuple[str, str, str]:
+    """Domains w<first> on h1 and w<first+1> on h2 behind a new service at a VIP; once the
+    spec has reached both hosts and both route to both backends: (vip, owner, other)."""
+    names = [f"w{first}", f"w{first + 1}"]
+    for n, (name, host) in enumerate(zip(names, ("h1", "h2"), strict=True), first):
         cfg = cl.write_cfg(name, "bridge=xenbr0", f'ip = "{cl.guest_ip(n)}"\n'
-                           'netmask = "255.255.255.0"\nha = "restart"\nha_group = "web"\n')
+                           f'netmask = "255.255.255.0"\n{extra}')
         cl.gridvm("create", str(cfg), "--host", host, host="h1")
-    for n in (1, 2):
+    for n in (first, first + 1):
         cl.wait_http(cl.guest_ip(n))
-    vip = cl.guest_ip(100)
-    cl.gridvm("service", "create", "web", "--vip", f"{vip}:80", "--backends", "w1,w2",
-              "--check", "http:/health", "--interval", "0.5", "--fall", "2", host="h1")
-    # the spec reaches h2; both directors see both backends; one of them holds the VIP
+    vip = cl.guest_ip(100 + first)
+    cl.gridvm("service", "create", service, "--vip", f"{vip}:80", "--backends",
+              ",".join(names), "--interval", "0.5", *check, host="h1")
     for h in ("h1", "h2"):
         wait_for(f"{h} to route to both", lambda h=h: all(
-            b["in_rotation"] for b in show(cl, h, "web")["backends"]), 30)
-    owner = wait_for("a VIP owner", lambda: show(cl, "h1", "web")["vip_owner"])
-    other = "h2" if owner == "h1" else "h1"
+            b["in_rotation"] for b in show(cl, h, service)["backends"]), 30)
+    owner = wait_for("a VIP owner", lambda: show(cl, "h1", service)["vip_owner"])
+    return vip, owner, "h2" if owner == "h1" else "h1"
+
+
+def test_vip_moves_when_its_owner_dies_and_backends_follow_ha(cl: LabEnv) -> None:
+    vip, owner, other = pair_behind_vip(cl, "web", 1, 'ha = "restart"\nha_group = "web"\n',
+                                        "--check", "http:/health", "--fall", "2")
     assert show(cl, owner, "web")["vip_interface"] == "xenbr0"
     assert show(cl, other, "web")["vip_interface"] is None
     assert {cl.http(vip) for _ in range(4)} == {"w1", "w2"}
@@ -135,20 +143,7 @@ def test_a_silent_standby_host_loses_its_backends_at_once(cl: LabEnv) -> None:
     """The VIP's owner stays; the other host dies with one backend on it. Its backend
     leaves rotation when its adverts stop (0.5 s), not after `fall` failed checks."""
     hosts = {"w3": "h1", "w4": "h2"}
-    for n, (name, host) in enumerate(hosts.items(), 3):
-        cfg = cl.write_cfg(name, "bridge=xenbr0", f'ip = "{cl.guest_ip(n)}"\n'
-                           'netmask = "255.255.255.0"\n')
-        cl.gridvm("create", str(cfg), "--host", host, host="h1")
-    for n in (3, 4):
-        cl.wait_http(cl.guest_ip(n))
-    vip = cl.guest_ip(101)
-    cl.gridvm("service", "create", "web2", "--vip", f"{vip}:80", "--backends", "w3,w4",
-              "--check", "tcp", "--interval", "0.5", "--fall", "3", host="h1")
-    for h in ("h1", "h2"):
-        wait_for(f"{h} to route to both", lambda h=h: all(
-            b["in_rotation"] for b in show(cl, h, "web2")["backends"]), 30)
-    owner = wait_for("a VIP owner", lambda: show(cl, "h1", "web2")["vip_owner"])
-    standby = "h2" if owner == "h1" else "h1"
+    vip, owner, standby = pair_behind_vip(cl, "web2", 3, "", "--check", "tcp", "--fall", "3")
     lost = next(d for d, h in hosts.items() if h == standby)
     kept = next(d for d, h in hosts.items() if h == owner)
 

@@ -18,6 +18,7 @@ from pyroute2 import netns as pyroute2_netns
 from gridvm.api.app import make_app
 from gridvm.api.relocation import Allowlist, RelocationGuard, bind_sockets, load_token
 from gridvm.api.routes_services import service_router
+from gridvm.cluster.vips import ClusterPeers
 from gridvm.errors import GridvmError
 from gridvm.host.manager import HostManager
 from gridvm.host.networks import NetworkManager
@@ -62,7 +63,7 @@ async def serve(home: Home, accel: str, sockets: list[socket.socket],
     manager.net = net = NetworkManager(home, store)
     await net.start()  # rebuild networks and reconcile leftovers before domains are adopted
     sock = home.api_socket
-    services = ServiceManager(manager)
+    services = ServiceManager(manager, ClusterPeers(manager))
     app = make_app(manager)
     app.include_router(service_router(services))
     await services.start()  # health checks; the nft table and VIPs outlive the daemon

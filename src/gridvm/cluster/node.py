@@ -24,10 +24,10 @@ from gridvm.cluster.core import HA_ELECTION, Cluster, Election
 from gridvm.cluster.etcd import Etcd, EtcdError
 from gridvm.cluster.ha import ROUND_S, HaManager
 from gridvm.cluster.settings import ClusterConfig, Files
+from gridvm.cluster.store import ClusterStore
 from gridvm.errors import Conflict, GridvmError, NotFound
 from gridvm.host import hostinfo, procs
 from gridvm.paths import Home
-from gridvm.store.etcd import ClusterStore
 
 if TYPE_CHECKING:
     from gridvm.host.manager import HostManager

@@ -28,7 +28,7 @@ import uuid as uuidlib
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, Field
 
@@ -40,9 +40,6 @@ from gridvm.host.vm import Vm
 from gridvm.qemu.argv import drive_id
 from gridvm.qemu.qmp import Monitor
 from gridvm.store.records import DomainRecord
-
-if TYPE_CHECKING:
-    from gridvm.store.etcd import ClusterStore
 
 log = logging.getLogger("gridvm.migration")
 
@@ -500,9 +497,7 @@ class Migrations:
         with contextlib.suppress(QemuError):
             rec.state = "running" if await vm.status() == "running" else "paused"
         self.m.store.put(rec)
-        clustered = _cluster_store(self.m)
-        if clustered is not None:   # the cluster's registry: this host runs it now
-            clustered.claim(rec)
+        self.m.store.arrived(rec)   # e.g. the cluster's registry: this host runs it now
         vm.busy = None
         vm.expected_exit = False
         inc.state = "running" if rec.state == "running" else "paused"
@@ -995,9 +990,7 @@ class _Outgoing:
         job, vm = self.job, self.vm
         job.phase = "switched"
         await hold("switched")
-        clustered = _cluster_store(self.m)
-        if clustered is not None:        # the destination takes the registry record
-            clustered.moved_away.add(vm.rec.uuid)
+        self.m.store.departing(vm.rec.uuid)   # the destination takes the registry record
         async with vm.lock:
             vm.rec.managed = False       # the definition moved with the domain
             if self.m.vms.get(vm.rec.uuid) is vm:
@@ -1015,10 +1008,3 @@ class _Outgoing:
         info = job.info
         log.info("%s: migrated to %s in %s ms (downtime %s ms)", job.name, job.target,
                  info.get("total-time"), info.get("downtime"))
-
-
-def _cluster_store(m: HostManager) -> ClusterStore | None:
-    """The host's cluster store, when the host is in a cluster."""
-    from gridvm.store.etcd import ClusterStore
-
-    return m.store if isinstance(m.store, ClusterStore) else None

@@ -12,9 +12,9 @@ Backends are domains: their addresses come from gridvm on every round (config `i
 is known not to run leaves rotation at once; otherwise the checks decide.
 
 A sync task (every 0.25 s) keeps each VIP address on this host exactly while this host owns
-it: always without a cluster; in a cluster (gridvm.lb.clustered) while it wins the VIP's
-etcd election, and it also pulls the cluster's shared service specs, sends this host's
-adverts and acts on peers that fell silent (their backends out, their VIPs deposed).
+it: always without a cluster; in a cluster (`Peers`, gridvm.cluster.vips) while it wins
+the VIP's etcd election, and it also pulls the cluster's shared service specs, sends this
+host's adverts and acts on peers that fell silent (their backends out, their VIPs deposed).
 
 When a backend leaves rotation because it failed, its conntrack entries for the VIP are
 deleted, so clients' retransmissions are balanced again rather than sent after it.
@@ -115,15 +115,64 @@ class Runtime:
     task: asyncio.Task[None] | None = None
 
 
+class Peers(Resolver, Protocol):
+    """The other directors: where specs are shared, who owns each VIP, who fell silent.
+
+    Without a cluster: nobody (every VIP is ours, nothing is shared). The cluster layer's
+    implementation is gridvm.cluster.vips.ClusterPeers."""
+
+    changed: asyncio.Event                 # set when ownership may have changed
+
+    def active(self) -> bool:
+        """Are there peers (has this host joined a cluster)?"""
+        ...
+
+    def owner(self, vip: str) -> bool:
+        """Do we own `vip` now? (The first call starts campaigning for it.)"""
+        ...
+
+    def owner_name(self, vip: str) -> str | None: ...
+
+    def taken_from(self, vip: str) -> str | None:
+        """The host that owned `vip` before us, if another."""
+        ...
+
+    def campaigning(self) -> set[str]: ...
+
+    async def release(self, vip: str) -> None:
+        """Stop campaigning for `vip`, handing it over at once."""
+        ...
+
+    async def close(self) -> None: ...
+
+    async def publish(self, name: str, spec: ServiceSpec | None) -> None:
+        """Share a spec (None: its deletion); GridvmError if that cannot be done now."""
+        ...
+
+    async def specs(self) -> dict[str, ServiceSpec] | None:
+        """Every shared spec, or None if they cannot be read now."""
+        ...
+
+    async def advertise(self, interfaces: set[str]) -> None: ...
+
+    def take_silent(self) -> set[str]:
+        """Peers that fell silent since the last call."""
+        ...
+
+    def newly_silent(self) -> set[str]: ...
+
+    async def depose(self, vip: str, silent: set[str]) -> str | None:
+        """Take `vip` from its owner if that is one of the `silent` peers."""
+        ...
+
+
 class ServiceManager:
     """All virtual services of one gridvmd."""
 
-    def __init__(self, manager: HostManager) -> None:
-        from gridvm.lb.clustered import ClusterPeers  # it builds on this module
-
+    def __init__(self, manager: HostManager, peers: Peers) -> None:
         self.manager = manager
-        self.peers = ClusterPeers(manager)
-        self.resolver: Resolver = self.peers
+        self.peers = peers
+        self.resolver: Resolver = peers
         self.director = Director(host_tag(manager.home))
         self.services: dict[str, Runtime] = {}
         self.vips: dict[str, str] = {}          # VIP address -> interface we added it to
@@ -226,7 +275,7 @@ class ServiceManager:
                 self._owned.discard(addr)
                 if addr in self.vips:
                     await self._release(addr)
-        for addr in set(self.peers.elections) - wanted:
+        for addr in self.peers.campaigning() - wanted:
             await self.peers.release(addr)
 
     async def _pull(self) -> None:

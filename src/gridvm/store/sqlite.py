@@ -58,6 +58,12 @@ class SqliteStore:
         with self._lock:
             self._db.execute("DELETE FROM domains WHERE uuid = ?", (uuid,))
 
+    def arrived(self, rec: DomainRecord) -> None:
+        """Nothing is shared beyond this host."""
+
+    def departing(self, uuid: str) -> None:
+        """Nothing is shared beyond this host."""
+
     def next_domid(self) -> int:
         """Monotonic domids (Domain-0 is 0); never reused on this host."""
         with self._lock:

@@ -20,7 +20,7 @@ from gridvm.cluster.settings import Files
 from gridvm.errors import Conflict, GridvmError
 from gridvm.store.records import DomainRecord, Store
 
-log = logging.getLogger("gridvm.store.etcd")
+log = logging.getLogger("gridvm.cluster.store")
 
 UNEXPECTED = ("poweroff", "crash", "qemu-died")   # stops the HA manager undoes
 
@@ -105,11 +105,15 @@ class ClusterStore:
             return
         self._etcd(lambda: self._unregister(rec))
 
-    def claim(self, rec: DomainRecord) -> None:
+    def arrived(self, rec: DomainRecord) -> None:
         """A live migration to this host completed: the registry record (and the name) are
         now this host's, whatever the source has done with them so far."""
         self.claims.add(rec.uuid)
         self._etcd(lambda: self._claim(rec))
+
+    def departing(self, uuid: str) -> None:
+        """Migrated away: the destination takes the registry record and the name."""
+        self.moved_away.add(uuid)
 
     def _claim(self, rec: DomainRecord) -> None:
         got = self.cluster.domain_kv(rec.uuid)

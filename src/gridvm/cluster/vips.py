@@ -1,6 +1,6 @@
 """Virtual services in a cluster: shared specs, cluster-wide backends, one owner per VIP.
 
-Used by `ServiceManager` when this home has joined a cluster (its cluster/config.json
+Active when this home has joined a cluster (its cluster/config.json
 exists — known before gridvmd has even rejoined, so a host coming back never grabs a VIP):
 
 - service specs live in etcd under `/gridvm/services/<name>`; every host programs every
@@ -22,8 +22,8 @@ exists — known before gridvmd has even rejoined, so a host coming back never g
   that VIP is deposed: two hosts that cannot hear each other but both reach etcd do not
   take a VIP from each other in turn.
 
-This is the one place the lb layer reaches up into cluster/: to reuse its etcd client,
-lease and election rather than grow a second one.
+The daemon hands a `ClusterPeers` to the lb layer's `ServiceManager` (it fulfils lb's
+`Peers` protocol), so lb never imports the cluster layer.
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ DEPOSE_WINDOW_S = 2.0  # after a host falls silent, try to depose it this long (
 
 
 class ClusterPeers:
-    """Implements the ServiceManager's `Peers` and `Resolver` for a clustered home."""
+    """The lb layer's `Peers` (and `Resolver`): this host alone until it joins a cluster,
+    then the cluster's shared specs, backends and VIP elections."""
 
     def __init__(self, manager: HostManager) -> None:
         self.manager = manager
@@ -147,6 +148,10 @@ class ClusterPeers:
         loop = self._loop
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(self.changed.set)
+
+    def campaigning(self) -> set[str]:
+        """The VIPs we are candidates for."""
+        return set(self.elections)
 
     def owner_name(self, vip: str) -> str | None:
         e = self.elections.get(vip)
