@@ -43,6 +43,7 @@ BUSYBOX_PKG = "busybox-static"
 BOOT_LABEL = "GRIDVMBOOT"
 LOCK_TIMEOUT = 1800.0
 RECIPE_VERSION = 1  # bump when the build itself changes
+HVM_EXTRA_CMDLINE = "no_timer_check"   # as gridvm adds for PV under TCG (qemu/argv.py)
 
 Log = Callable[[str], None]
 
@@ -421,7 +422,8 @@ def make_boot_disk(out: Path, kernel: Path, initrd: Path, cmdline: str) -> None:
 
 def recipe_id() -> str:
     """Hash of everything that shapes the image besides the packages (a change rebuilds)."""
-    recipe = f"{RECIPE_VERSION}|{PV_MODULES}|{HVM_MODULES}|{MODULE_ARGS}|{SYSLINUX_CFG}"
+    recipe = (f"{RECIPE_VERSION}|{PV_MODULES}|{HVM_MODULES}|{MODULE_ARGS}|{SYSLINUX_CFG}|"
+              f"{HVM_EXTRA_CMDLINE}")
     h = hashlib.sha256(recipe.encode())
     for src, dst, mode in GUEST_FILES:
         h.update(f"|{src}|{dst}|{mode}|".encode())
@@ -512,7 +514,8 @@ def _build_into(work: Path, cache: Path, say: Log) -> None:
         built[tag] = (kernel, mods)
 
     say("making HVM boot disk")
-    make_boot_disk(out / "disk.img", out / "vmlinuz-hvm", out / "initrd-hvm.img", DEFAULT_CMDLINE)
+    make_boot_disk(out / "disk.img", out / "vmlinuz-hvm", out / "initrd-hvm.img",
+                   f"{DEFAULT_CMDLINE} {HVM_EXTRA_CMDLINE}")
     info = ImageInfo(
         name=NAME,
         kernel=out / "vmlinuz",

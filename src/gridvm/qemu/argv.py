@@ -228,6 +228,10 @@ def devices(cfg: DomainConfig, *, accel: str, rundir: Path, taps: list[str],
         if not cfg.kernel:
             raise ConfigError(f"domain {cfg.name}: a PV domain needs a kernel")
         cmdline = " ".join(p for p in ("console=ttyS0", cfg.kernel_cmdline()) if p)
+        if accel != "kvm" and "no_timer_check" not in cmdline.split():
+            # Under TCG on a busy host the kernel's IO-APIC timer check can miss its ticks
+            # and panic ("IO-APIC + timer doesn't work"); cloud images skip it the same way.
+            cmdline += " no_timer_check"
         devs.append(DirectKernel(cfg.kernel, cfg.ramdisk, cmdline))
     devs += [Disk(i, d, hvm) for i, d in enumerate(cfg.disks)]
     devs += [Nic(i, v, taps[i], hvm) for i, v in enumerate(cfg.vifs)]
