@@ -10,6 +10,7 @@ APT_PACKAGES=(
   iproute2 nftables dnsmasq-base      # bridges, taps, NAT, DHCP
   e2fsprogs socat
   etcd-server etcd-client             # cluster state (gridvm cluster, lab --cluster)
+  conntrackd                          # directors mirror their connections (lb/ctsync.py)
   haproxy                             # bench/services.py compares virtual services with it
   python3-venv
 )

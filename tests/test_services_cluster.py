@@ -166,3 +166,35 @@ def test_a_silent_standby_host_loses_its_backends_at_once(cl: LabEnv) -> None:
     assert show(cl, owner, "web2")["vip_owner"] == owner      # the VIP did not move
     cl.gridvm("lab", "poweron", standby, "--name", cl.name)
     cl.gridvm("service", "delete", "web2", host=owner)
+
+
+def test_a_request_in_flight_through_a_dying_owner_completes_through_the_new_one(
+        cl: LabEnv) -> None:
+    """Connection sync (conntrackd): a slow request is open through the VIP's owner to the
+    backend on the other host when the owner loses power; the standby takes the VIP with
+    the connection in its table, and the answer reaches the client."""
+    hosts = {"w5": "h1", "w6": "h2"}
+    vip, owner, standby = pair_behind_vip(cl, "web3", 5, "", "--check", "tcp", "--fall", "2")
+    lost = next(d for d, h in hosts.items() if h == owner)
+    kept = next(d for d, h in hosts.items() if h == standby)
+    cl.gridvm("service", "set-weight", "web3", lost, "0", host=owner)  # new ones: to kept
+    assert {cl.http(vip) for _ in range(3)} == {kept}
+    got: dict[str, Any] = {}
+
+    def slow() -> None:
+        t0 = time.monotonic()
+        try:
+            got["body"] = cl.http(vip, "/sleep?seconds=3", timeout=15)
+        except OSError as exc:
+            got["error"] = exc
+        got["seconds"] = time.monotonic() - t0
+
+    t = threading.Thread(target=slow)
+    t.start()
+    time.sleep(0.8)                       # the request is open and mirrored to the standby
+    cl.gridvm("lab", "poweroff", owner, "--name", cl.name)
+    t.join(timeout=20)
+    print(f"request open through {owner} when it lost power: {got}")
+    assert got.get("body") == kept, got
+    assert show(cl, standby, "web3")["vip_owner"] == standby
+    cl.gridvm("lab", "poweron", owner, "--name", cl.name)

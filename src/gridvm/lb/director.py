@@ -1,8 +1,9 @@
 """The director: virtual services as nftables DNAT maps in this host's `gridvm_lb_<tag>` table.
 
     map vips      VIP . port : jump svc_NAME       (prerouting and output look it up)
-    set vipaddrs  every VIP address                (postrouting masquerades what was DNAT'd
-                                                    to one, so replies come back through us)
+    set vipaddrs  every VIP address                (postrouting SNATs what was DNAT'd to one
+                                                    to that VIP: replies come back to the VIP,
+                                                    wherever it lives — see lb.ctsync)
     map svc_NAME  slot : backend-ip . port         (intervals; see `model.slots`)
     chain svc_NAME   dnat ip to <selector> mod TOTAL map @svc_NAME
 
@@ -83,7 +84,7 @@ def _base(vips: list[str], addrs: list[str]) -> str:
   }}
   chain postrouting {{
     type nat hook postrouting priority srcnat; policy accept;
-    ct status dnat ct original ip daddr @vipaddrs masquerade
+    ct status dnat ct original ip daddr @vipaddrs snat ip to ct original ip daddr
   }}
 """
 

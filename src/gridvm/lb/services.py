@@ -31,9 +31,11 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 from gridvm.errors import ConfigError, Conflict, GridvmError, NotFound
+from gridvm.host import netdevs
 from gridvm.host.manager import HostManager
-from gridvm.host.networks import NetworkManager, host_tag, vif_ip
+from gridvm.host.networks import RUN_ROOT, NetworkManager, host_tag, vif_ip
 from gridvm.lb import conntrack, vip
+from gridvm.lb.ctsync import ConnSync
 from gridvm.lb.director import Director, Programmed, prepare_host
 from gridvm.lb.health import Hysteresis, probe
 from gridvm.lb.model import Backend, ServiceSpec, Target, check_weight
@@ -44,6 +46,7 @@ log = logging.getLogger("gridvm.lb")
 META_KEY = "services"
 SYNC_S = 0.25
 SPECS_EVERY = 4            # pull shared specs every 4th sync round
+CTSYNC_CHECK_S = 5.0       # how often conntrackd is checked to be running
 
 
 class Location(NamedTuple):
@@ -174,6 +177,8 @@ class ServiceManager:
         self.peers = peers
         self.resolver: Resolver = peers
         self.director = Director(host_tag(manager.home))
+        self.ctsync = ConnSync(RUN_ROOT / "lb" / host_tag(manager.home))
+        self._ctsync_at: tuple[float, tuple[str, str, tuple[str, ...]] | None] = (0.0, None)
         self.services: dict[str, Runtime] = {}
         self.vips: dict[str, str] = {}          # VIP address -> interface we added it to
         self.shared: set[str] = set()           # names seen in the cluster's specs
@@ -256,7 +261,9 @@ class ServiceManager:
         """Hold exactly the VIPs this host owns; act on peers that fell silent."""
         wanted = {rt.spec.vip for rt in self.services.values()}
         if self.peers.active():
-            await self.peers.advertise(await asyncio.to_thread(vip.lan_interfaces, wanted))
+            lans = await asyncio.to_thread(vip.lan_interfaces, wanted)
+            await self.peers.advertise(lans)
+            await self._sync_connections(lans, wanted)
             for host in self.peers.take_silent():
                 await self._sideline(host, "went silent")
         silent = self.peers.newly_silent()
@@ -277,6 +284,28 @@ class ServiceManager:
                     await self._release(addr)
         for addr in self.peers.campaigning() - wanted:
             await self.peers.release(addr)
+
+    async def _sync_connections(self, lans: set[str], vips: set[str]) -> None:
+        """Keep conntrackd running on the first VIP LAN (checked every CTSYNC_CHECK_S, or at
+        once when the LAN or this host's addresses change)."""
+        if not lans:
+            return
+        ifname = sorted(lans)[0]
+        addrs = await asyncio.to_thread(netdevs.all_addresses)
+        own = tuple(sorted({str(a.ip) for _, a in addrs} - vips))
+        mine = [str(a.ip) for n, a in addrs if n == ifname and a.network.prefixlen < 32
+                and str(a.ip) not in vips]
+        if not mine:
+            return
+        want = (ifname, mine[0], own)
+        at, had = self._ctsync_at
+        if want == had and time.monotonic() - at < CTSYNC_CHECK_S:
+            return
+        self._ctsync_at = (time.monotonic(), want)
+        try:
+            await self.ctsync.ensure(ifname, mine[0], list(own))
+        except GridvmError as exc:
+            log.error("connection sync: %s", exc)
 
     async def _pull(self) -> None:
         """Make this host's services the cluster's shared specs."""
@@ -341,6 +370,8 @@ class ServiceManager:
 
     async def _claim(self, addr: str) -> None:
         if await asyncio.to_thread(vip.present, addr) is None:
+            if self.peers.active():   # connections open through the last owner go on here
+                await self.ctsync.take_over()
             ifname = await asyncio.to_thread(vip.add, addr)
             if ifname:
                 self.vips[addr] = ifname

@@ -92,6 +92,12 @@ case "$path" in
         timeout -s KILL "$secs" sh -c 'while :; do :; done' </dev/null >/dev/null 2>&1 &
         reply 200 "burning $secs"
         ;;
+    /sleep)
+        secs=$(qparam seconds) || secs=1
+        case "$secs" in ''|*[!0-9]*) reply 400 "bad seconds" ;; esac
+        sleep "$secs"
+        reply 200 "$(hostname)"
+        ;;
     /write)
         mbparam
         t0=$(cut -d' ' -f1 /proc/uptime)
