@@ -329,3 +329,30 @@ def test_evacuate_refuses_without_room_and_moves_nothing(cl: LabEnv) -> None:
     assert hosts(cl)[victim]["state"] == "up"          # not put in maintenance either
     for name in ("free1", "pinned1"):
         cl.gridvm("destroy", name, host="h1")
+
+
+# ----- removing a dead host -------------------------------------------------------------------
+
+
+def test_remove_forgets_a_dead_host_and_frees_its_domains_names(cl: LabEnv) -> None:
+    all_up(cl)
+    survivor = leader(cl)
+    victim = next(h for h in ("h3", "h2", "h1") if h != survivor)
+    cfg = cl.write_cfg("plain1", "bridge=xenbr0", f'ip = "{cl.guest_ip(30)}"\n'
+                       'netmask = "255.255.255.0"\n')
+    cl.gridvm("create", str(cfg), "--host", victim, host=survivor)
+    assert "is up" in cl.fails("host", "remove", victim, host=survivor)
+    assert "unknown host" in cl.fails("host", "remove", "h9", host=survivor)
+    assert "cannot remove itself" in cl.fails("host", "remove", survivor, host=survivor)
+
+    cl.gridvm("lab", "poweroff", victim, "--name", cl.name)
+    wait_for(f"{victim} down", lambda: hosts(cl, survivor)[victim]["state"] in (
+        "down", "fenced"), 60)
+    assert "already in use" in cl.fails("create", str(cfg), "--host", survivor,
+                                        host=survivor)
+    out = json.loads(cl.gridvm("host", "remove", victim, "--json", host=survivor).stdout)
+    assert out == {"host": victim, "forgotten": ["plain1"]}
+    assert victim not in hosts(cl, survivor)
+    cl.gridvm("create", str(cfg), "--host", survivor, host=survivor)   # the name is free
+    assert cl.wait_http(cl.guest_ip(30)) == "plain1"
+    cl.gridvm("destroy", "plain1", host=survivor)

@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gridvm.api.relocation import parse_listen
 from gridvm.cluster.node import LOCAL_HEADER, ClusterNode
-from gridvm.cluster.placement import Demand, NoHostFits, loads_from, place, why_not
+from gridvm.cluster.placement import ACTIVE, Demand, NoHostFits, loads_from, place, why_not
 from gridvm.cluster.settings import ClusterConfig
 from gridvm.config.model import DomainConfig
 from gridvm.errors import Conflict, GridvmError, NotFound, ResourceError
@@ -58,6 +58,10 @@ def cluster_routes(node: ClusterNode) -> APIRouter:
     @router.post("/hosts/{name}/maintenance")
     async def maintenance(name: str, req: MaintenanceRequest) -> dict[str, Any]:
         return await asyncio.to_thread(set_maintenance, node, name, req.on)
+
+    @router.delete("/hosts/{name}")
+    async def remove(name: str) -> dict[str, Any]:
+        return await asyncio.to_thread(remove_host, node, name)
 
     @router.get("/hosts/{name}/evacuation")
     async def evacuation(name: str) -> dict[str, Any]:
@@ -161,6 +165,32 @@ def set_maintenance(node: ClusterNode, name: str, on: bool) -> dict[str, Any]:
         raise NotFound(f"unknown host {name!r} (hosts: {', '.join(cluster.hosts())})")
     cluster.etcd.put_json(key, {**rec, "maintenance": on})
     return {"host": name, "maintenance": on}
+
+
+def remove_host(node: ClusterNode, name: str) -> dict[str, Any]:
+    """Forget a host that is gone for good: its entry, and the registry records of its
+    domains (their names become free to use again). Refused for this host, for a host that
+    is up or in maintenance (evacuate it and stop it first), and while HA domains of it
+    still wait for the HA manager to restart them elsewhere."""
+    ccfg, cluster = node.need()
+    states = cluster.host_states()
+    if name not in states:
+        raise NotFound(f"unknown host {name!r} (hosts: {', '.join(sorted(states))})")
+    if name == ccfg.host:
+        raise Conflict(f"host {name} cannot remove itself; run this on another host")
+    if states[name] not in ("down", "fenced"):
+        raise Conflict(f"host {name} is {states[name]}: only a host that is down can be "
+                       "removed (evacuate it, then stop its gridvmd)")
+    mine = {uuid: rec for uuid, rec in cluster.domains().items() if rec.get("host") == name}
+    waiting = sorted(str(r["name"]) for r in mine.values() if r.get("ha", "off") != "off"
+                     and r.get("state") in (*ACTIVE, "lost"))
+    if waiting:
+        raise Conflict(f"host {name} still has HA domains waiting to be restarted elsewhere: "
+                       f"{', '.join(waiting)}; try again once they run")
+    for uuid, rec in mine.items():
+        cluster.forget_domain(uuid, str(rec.get("name", "")))
+    cluster.forget_host(name)
+    return {"host": name, "forgotten": sorted(str(r.get("name")) for r in mine.values())}
 
 
 def choose_host(node: ClusterNode, cfg: DomainConfig, forced: str | None) -> str:

@@ -120,6 +120,21 @@ def maintenance(host: str, mode: Annotated[str, typer.Argument(metavar="on|off")
     _print(f"{host}: maintenance {mode}")
 
 
+@host_app.command("remove")
+def remove(host: str, as_json: JsonOpt = False) -> None:
+    """Forget a host that is gone for good (down or fenced): its entry and its domains'
+    registry records, so their names are free again. Its HA domains must run elsewhere
+    first. A removed host that comes back joins again, empty."""
+    from gridvm.cli.main import client, emit_json
+
+    res = client().delete(f"/cluster/hosts/{host}")
+    if as_json:
+        emit_json(res)
+        return
+    gone = ", ".join(res["forgotten"]) or "none"
+    _print(f"{host}: removed from the cluster (domains forgotten: {gone})")
+
+
 @host_app.command("evacuate")
 def evacuate(
     host: str,

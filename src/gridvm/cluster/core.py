@@ -265,6 +265,17 @@ class Cluster:
         key = self.key("names", name)
         self.etcd.txn([Compare(key, "VALUE", uuid)], [delete_op(key)])
 
+    def forget_domain(self, uuid: str, name: str) -> None:
+        """Delete a registry record and release its name."""
+        self.etcd.delete(self.key("domains", uuid))
+        if name:
+            self.release_name(name, uuid)
+
+    def forget_host(self, name: str) -> None:
+        """Delete everything kept about a host (its lease-bound keys expire on their own)."""
+        for kind in ("hosts", "fenced", "capacity", "alive"):
+            self.etcd.delete(self.key(kind, name))
+
     def move_domain(self, uuid: str, expect_rev: int, update: dict[str, Any]) -> bool:
         """Compare-and-swap a registry record (e.g. give it to a new host)."""
         key = self.key("domains", uuid)
