@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import time
@@ -261,9 +262,10 @@ class ServiceManager:
         """Hold exactly the VIPs this host owns; act on peers that fell silent."""
         wanted = {rt.spec.vip for rt in self.services.values()}
         if self.peers.active():
-            lans = await asyncio.to_thread(vip.lan_interfaces, wanted)
+            addrs = await asyncio.to_thread(netdevs.all_addresses)
+            lans = vip.lan_interfaces(wanted, addrs)
             await self.peers.advertise(lans)
-            await self._sync_connections(lans, wanted)
+            await self._sync_connections(lans, wanted, addrs)
             for host in self.peers.take_silent():
                 await self._sideline(host, "went silent")
         silent = self.peers.newly_silent()
@@ -285,13 +287,13 @@ class ServiceManager:
         for addr in self.peers.campaigning() - wanted:
             await self.peers.release(addr)
 
-    async def _sync_connections(self, lans: set[str], vips: set[str]) -> None:
+    async def _sync_connections(self, lans: set[str], vips: set[str],
+                                addrs: list[tuple[str, ipaddress.IPv4Interface]]) -> None:
         """Keep conntrackd running on the first VIP LAN (checked every CTSYNC_CHECK_S, or at
         once when the LAN or this host's addresses change)."""
         if not lans:
             return
         ifname = sorted(lans)[0]
-        addrs = await asyncio.to_thread(netdevs.all_addresses)
         own = tuple(sorted({str(a.ip) for _, a in addrs} - vips))
         mine = [str(a.ip) for n, a in addrs if n == ifname and a.network.prefixlen < 32
                 and str(a.ip) not in vips]

@@ -27,9 +27,10 @@ def interface_for(vip: str, addresses: list[tuple[str, ipaddress.IPv4Interface]]
     return "lo"
 
 
-def lan_interfaces(vips: set[str]) -> set[str]:
-    """The LAN interfaces these VIPs belong on (their directors' adverts go there)."""
-    addresses = netdevs.all_addresses()
+def lan_interfaces(vips: set[str], addresses: list[tuple[str, ipaddress.IPv4Interface]]
+                   ) -> set[str]:
+    """The LAN interfaces these VIPs belong on (their directors' adverts go there), given
+    the namespace's addresses (netdevs.all_addresses())."""
     return {interface_for(v, addresses) for v in vips} - {"lo"}
 
 
