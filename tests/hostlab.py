@@ -17,6 +17,7 @@ import pytest
 from pyroute2 import IPRoute
 
 from gridvm.host import httpprobe, netdevs, netns, procs
+from gridvm.host.resources import remove_home_groups
 from gridvm.images.store import ImageInfo
 from gridvm.lab.agent import Agent
 
@@ -172,6 +173,7 @@ def host_env(image: ImageInfo, tmp: Path, images: Path) -> Iterator[HostEnv]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, 9)
         netns.remove(ns)
+        remove_home_groups(agent.home)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import pytest
 from hostlab import HostEnv
 
 from gridvm.host import procs
+from gridvm.host.resources import cgroup_parent
 
 pytestmark = pytest.mark.guest
 
@@ -158,8 +159,14 @@ def test_vif_rate_shapes_guest_traffic(host: HostEnv) -> None:
     host.gridvm("destroy", "net1")
 
 
-def cgroup_value(domid: int, control: str) -> str:
-    found = list(Path("/sys/fs/cgroup").glob(f"**/gridvm/*/dom{domid}/{control}"))
+def groups(host: HostEnv, domid: int, control: str = "") -> list[Path]:
+    """This home's cgroup directories (or files `control`) of domid."""
+    parent = cgroup_parent(host.agent.home)
+    return list(Path("/sys/fs/cgroup").glob(f"**/{parent}/dom{domid}/{control}".rstrip("/")))
+
+
+def cgroup_value(host: HostEnv, domid: int, control: str) -> str:
+    found = groups(host, domid, control)
     assert found, f"no cgroup file {control} for domid {domid}"
     return found[0].read_text().strip()
 
@@ -170,14 +177,14 @@ def test_settings_survive_daemon_restart(host: HostEnv) -> None:
     version2 = Path("/sys/fs/cgroup/cgroup.controllers").exists() and "cpu" in Path(
         "/sys/fs/cgroup/cgroup.controllers").read_text()
     control = "cpu.max" if version2 else "cpu.cfs_quota_us"
-    before = cgroup_value(v["domid"], control)
+    before = cgroup_value(host, v["domid"], control)
     host.agent.stop(kill=True)
     host.agent.start()
     rows = json.loads(host.gridvm("sched-credit", "-d", "keep2", "--json").stdout)
     assert rows[0]["weight"] == 1024 and rows[0]["cap"] == 50
-    assert cgroup_value(v["domid"], control) == before
+    assert cgroup_value(host, v["domid"], control) == before
     host.gridvm("destroy", "keep2")
-    assert not list(Path("/sys/fs/cgroup").glob(f"**/gridvm/*/dom{v['domid']}"))
+    assert not groups(host, v["domid"])
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ from rich.table import Table
 
 from gridvm.config.xmfile import load_config
 from gridvm.host import httpprobe, netdevs, netns
+from gridvm.host.resources import remove_home_groups
 from gridvm.images.tiny import build_tiny
 from gridvm.lab.agent import Agent
 from gridvm.paths import Home
@@ -97,6 +98,7 @@ def run_demo(*, as_json: bool = False, keep: bool = False) -> dict[str, Any]:
                     agent.destroy_all()
                 agent.stop()
                 netns.remove(ns)
+                remove_home_groups(agent.home)
                 shutil.rmtree(workdir, ignore_errors=True)
     if as_json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")

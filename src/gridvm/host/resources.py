@@ -32,14 +32,25 @@ def group_name(domid: int) -> str:
     return f"dom{domid}"
 
 
+def cgroup_parent(home: Home) -> str:
+    """The cgroup that holds one home's domain groups (two homes never share one)."""
+    return f"gridvm/{hashlib.sha1(str(home.root).encode()).hexdigest()[:10]}"
+
+
+def remove_home_groups(home: Home) -> None:
+    """Delete a home's cgroups once its guests are gone for good (lab and demo teardown:
+    a home that is deleted never starts a gridvmd again to reconcile them)."""
+    with contextlib.suppress(GridvmError):
+        CgroupManager(cgroup_parent(home)).remove_parent()
+
+
 class Resources:
     """The host-side enforcement of a domain's sched, pins, memory and I/O limits."""
 
     def __init__(self, home: Home) -> None:
-        digest = hashlib.sha1(str(home.root).encode()).hexdigest()[:10]
         self.cgroups: CgroupManager | None
         try:
-            self.cgroups = CgroupManager(f"gridvm/{digest}")
+            self.cgroups = CgroupManager(cgroup_parent(home))
             self.reason = f"cgroup v{self.cgroups.version}"
         except GridvmError as exc:
             self.cgroups = None

@@ -33,6 +33,7 @@ from gridvm.errors import ConfigError, Conflict, GridvmError, NotFound
 from gridvm.host import netdevs, netns, procs
 from gridvm.host.migration import RELOCATION_PORT
 from gridvm.host.networks import RUN_ROOT, host_tag
+from gridvm.host.resources import remove_home_groups
 from gridvm.lab.agent import Agent
 from gridvm.paths import Home
 
@@ -276,7 +277,9 @@ def down(name: str) -> None:
         _kill_namespace(ns)
         netns.remove(ns)
     for h in state.hosts:
-        shutil.rmtree(RUN_ROOT / "net" / host_tag(Home(Path(h.home))), ignore_errors=True)
+        for kind in ("net", "lb"):      # dnsmasq's and conntrackd's files
+            shutil.rmtree(RUN_ROOT / kind / host_tag(Home(Path(h.home))), ignore_errors=True)
+        remove_home_groups(Home(Path(h.home)))
     shutil.rmtree(state.root, ignore_errors=True)
     state_path(name).unlink(missing_ok=True)
 
