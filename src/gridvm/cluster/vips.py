@@ -181,6 +181,8 @@ class ClusterPeers:
         cfg = self.config()
         if cfg is None or self._cluster is None:
             return
+        if self._loop is None:                  # _on_silent reports to this loop
+            self._loop = asyncio.get_running_loop()
         if self.adverts is None:
             if not interfaces:
                 return
