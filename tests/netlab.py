@@ -22,6 +22,7 @@ from typing import Any
 
 from pyroute2 import IPRoute
 
+from gridvm.errors import GridvmError
 from gridvm.host import httpprobe, netns, procs
 from gridvm.images.store import ImageInfo
 from gridvm.lab import lab as labmod
@@ -152,15 +153,33 @@ class LabEnv:
             proc.wait(timeout=10)
 
 
-def new_lab(image: ImageInfo, tmp: Path, hosts: int = 2) -> LabEnv:
+def wait_for(what: str, fn: Any, timeout: float = 60) -> Any:
+    """Poll `fn` until it returns something true (errors count as not yet); its result."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            got = fn()
+            if got:
+                return got
+        except (GridvmError, OSError, AssertionError):
+            if time.monotonic() > deadline:
+                raise
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def new_lab(image: ImageInfo, tmp: Path, hosts: int = 2, *lab_args: str) -> LabEnv:
+    """`gridvm lab up` with TCG hosts (`lab_args` e.g. "--cluster", "--ttl", "3")."""
     env = LabEnv(f"gt{os.getpid() % 100000}x{next(_labs)}", tmp / "home", tmp, image)
-    env.gridvm("lab", "up", "--hosts", str(hosts), "--name", env.name, "--accel", "tcg")
+    env.gridvm("lab", "up", "--hosts", str(hosts), "--name", env.name, "--accel", "tcg",
+               *lab_args)
     return env
 
 
 @contextlib.contextmanager
-def lab_env(image: ImageInfo, tmp: Path, hosts: int = 2) -> Iterator[LabEnv]:
-    env = new_lab(image, tmp, hosts)
+def lab_env(image: ImageInfo, tmp: Path, hosts: int = 2, *lab_args: str) -> Iterator[LabEnv]:
+    env = new_lab(image, tmp, hosts, *lab_args)
     try:
         yield env
     finally:

@@ -12,12 +12,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from netlab import LabEnv
+from netlab import LabEnv, lab_env, wait_for
 
-from gridvm.errors import GridvmError
-from gridvm.host import httpprobe, netns, procs
+from gridvm.host import httpprobe, netns
 from gridvm.images.store import ImageInfo
-from gridvm.lab import lab as labmod
 from gridvm.lab.agent import Agent
 
 pytestmark = pytest.mark.guest
@@ -27,14 +25,9 @@ TTL = 3
 
 @pytest.fixture(scope="module")
 def cl(tiny_image: ImageInfo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabEnv]:
-    tmp = tmp_path_factory.mktemp("cluster")
-    env = LabEnv(f"gc{int(time.time()) % 100000}", tmp / "home", tmp, tiny_image)
-    env.gridvm("lab", "up", "--hosts", "3", "--cluster", "--ttl", str(TTL), "--name",
-               env.name, "--accel", "tcg")
-    try:
+    with lab_env(tiny_image, tmp_path_factory.mktemp("cluster"), 3,
+                 "--cluster", "--ttl", str(TTL)) as env:
         yield env
-    finally:
-        env.gridvm("lab", "down", "--name", env.name, check=False)
 
 
 def hosts(cl: LabEnv, via: str = "h1") -> dict[str, dict[str, Any]]:
@@ -60,29 +53,17 @@ def ha_create(cl: LabEnv, name: str, n: int, *extra: str, group: str = "web") ->
     return host
 
 
-def wait_for(what: str, fn: Any, timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            got = fn()
-            if got:
-                return got
-        except (GridvmError, OSError, AssertionError):
-            if time.monotonic() > deadline:
-                raise
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.3)
-
-
 def leader(cl: LabEnv) -> str:
     return str(wait_for("a leader", lambda: next(
         (n for n, r in hosts(cl, alive_host(cl)).items() if r["leader"]), None)))
 
 
+def qemu_pids(cl: LabEnv, host: str, name: str) -> list[int]:
+    return sorted(cl.pids(host, f"process=gridvm:{name}"))
+
+
 def qemus(cl: LabEnv, host: str, name: str) -> int:
-    return len([p for p in labmod.namespace_pids(cl.ns(host))
-                if f"process=gridvm:{name}" in " ".join(procs.cmdline(p))])
+    return len(qemu_pids(cl, host, name))
 
 
 def test_bad_input(cl: LabEnv) -> None:
@@ -254,11 +235,6 @@ class Poller:
     def __exit__(self, *_: object) -> None:
         self.stop.set()
         self.thread.join(timeout=10)
-
-
-def qemu_pids(cl: LabEnv, host: str, name: str) -> list[int]:
-    return sorted(p for p in labmod.namespace_pids(cl.ns(host))
-                  if f"process=gridvm:{name}" in " ".join(procs.cmdline(p)))
 
 
 def all_up(cl: LabEnv) -> None:

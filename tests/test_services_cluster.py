@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from netlab import LabEnv
+from netlab import LabEnv, lab_env, wait_for
 
 from gridvm.images.store import ImageInfo
 
@@ -22,33 +22,15 @@ TTL = 2
 
 @pytest.fixture(scope="module")
 def cl(tiny_image: ImageInfo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabEnv]:
-    tmp = tmp_path_factory.mktemp("svccluster")
-    env = LabEnv(f"gs{int(time.time()) % 100000}", tmp / "home", tmp, tiny_image)
-    env.gridvm("lab", "up", "--hosts", "2", "--cluster", "--ttl", str(TTL), "--name",
-               env.name, "--accel", "tcg")
-    try:
+    with lab_env(tiny_image, tmp_path_factory.mktemp("svccluster"), 2,
+                 "--cluster", "--ttl", str(TTL)) as env:
         yield env
-    finally:
-        env.gridvm("lab", "down", "--name", env.name, check=False)
 
 
 def show(cl: LabEnv, host: str, name: str) -> dict[str, Any]:
     view: dict[str, Any] = json.loads(cl.gridvm("service", "show", name, "--json",
                                                 host=host).stdout)
     return view
-
-
-def wait_for(what: str, fn: Any, timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            got = fn()
-            if got:
-                return got
-        except (AssertionError, OSError):
-            pass
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 class Load(threading.Thread):
