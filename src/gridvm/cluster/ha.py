@@ -140,7 +140,7 @@ class HaManager:
             target = place_ha(demand, list(loads.values()), cpu_ratio=self.settings.cpu_ratio)
         except NoHostFits as exc:
             if rec.get("ha") == "best-effort":
-                env.log(logging.ERROR, f"{name}: best-effort and {exc}; giving up")
+                env.log(logging.ERROR, f"{name}: best-effort, giving up: {exc}")
                 env.move_domain(uuid, rev, {"state": "ha-failed", "reason": str(exc)})
             elif uuid not in self.unplaced:
                 env.log(logging.ERROR, f"{name}: cannot restart yet: {exc}")

@@ -20,6 +20,7 @@ a command runs at the first step at or after its time, before that step's leases
    30 crash web                              its QEMU dies; its host marks it lost
    10 fence-fail h1 | fence-ok h1            fencing h1 fails / works (needs fence=power)
    10 launch-fail h3 | launch-ok h3          starting a domain on h3 fails / works
+   10 watchdog-fail h2 | watchdog-ok h2      h2's self-fencing kills nothing / works
    60 show                                   the cluster as the registry has it, now
   120 end                                    stop (default: 30 s after the last command)
 
@@ -260,6 +261,8 @@ VERBS: dict[str, Callable[[Simulation, Command], None]] = {
     "fence-ok": Simulation.fence_switch,
     "launch-fail": _host_flag("launch_ok", False),
     "launch-ok": _host_flag("launch_ok", True),
+    "watchdog-fail": _host_flag("watchdog_ok", False),
+    "watchdog-ok": _host_flag("watchdog_ok", True),
     "show": Simulation.show,
     "end": lambda sim, cmd: None,
 }

@@ -53,6 +53,7 @@ class SimHost:
     maintenance: bool = False
     fence_ok: bool = True
     launch_ok: bool = True
+    watchdog_ok: bool = True         # False: self-fencing fails to kill its HA domains
     lease: int | None = None         # the lease its watchdog holds
     last_ok: float = 0.0             # its last successful renewal
     seen_lease: int | None = None    # the lease gridvmd last resynced with
@@ -116,7 +117,7 @@ class SimWorld:
         self.reg = Registry()
         self.log: list[str] = []
         self.configs: dict[str, DomainConfig] = {}     # every domain of the scenario
-        self._leader: str | None = None
+        self._leader: tuple[str, int] | None = None
         self._twice: set[tuple[str, ...]] = set()
 
     # ----- the log ------------------------------------------------------------------------
@@ -216,6 +217,10 @@ class SimWorld:
         """cluster/watchdog.py: the lease is lost; kill the HA domains."""
         h.lease = None
         h.fenced_file = True
+        if not h.watchdog_ok:
+            self.say(f"{h.name}/wd", f"lease lost ({why}): self-fencing failed, killed nothing",
+                     logging.ERROR)
+            return
         killed = sorted(n for u, n in h.running.items() if self._ha(u) != "off")
         for u in [u for u, n in h.running.items() if n in killed]:
             del h.running[u]
@@ -271,12 +276,14 @@ class SimWorld:
             self.reg.candidates = [c for c in self.reg.candidates if c[1] != lease]
 
     def _note_leader(self) -> None:
-        held = self.reg.leader() if self.etcd_up else None
-        leader = held[0] if held else None
-        if leader != self._leader and (self.etcd_up or leader is not None):
-            self._leader = leader
-            self.say("etcd", f"{leader} leads the HA election" if leader else
-                     "no HA manager elected")
+        """Log each new holder of the HA election (a host on a new lease counts as new)."""
+        if not self.etcd_up:
+            return
+        held = self.reg.leader()
+        if held != self._leader:
+            self._leader = held
+            self.say("etcd", f"{held[0]} leads the HA election" if held else
+                     "no host leads the HA election")
 
     def is_leader(self, h: SimHost) -> bool:
         held = self.reg.leader()
