@@ -6,7 +6,8 @@ when this host is elected) it:
 1. notices joined hosts whose lease has expired (`alive/<h>` gone). The host's watchdog
    killed its HA domains before the lease could expire; the manager still waits `margin`
    seconds after the expiry was first seen (so at least TTL + margin after the host's last
-   heartbeat), runs the fence action, and marks the host fenced.
+   heartbeat), runs the fence action, and marks the host fenced. If fencing fails the
+   host stays down, its domains are not restarted, and fencing is tried again each round.
    Every host, elected or not, keeps noting when it first saw each host down (`observe`),
    so a newly elected manager counts the margin from then, not from its own first round;
 2. restarts the HA domains of fenced hosts, and HA domains marked lost (stopped
@@ -63,6 +64,7 @@ class HaManager:
         self.dead_since: dict[str, float] = {}
         self.observed_at = 0.0
         self.unplaced: set[str] = set()          # "cannot restart yet" already said
+        self.fence_failing: set[str] = set()     # "fencing failed" already said
 
     def tick(self) -> None:
         """A round if this host leads the HA election, else only `observe` (blocking)."""
@@ -92,8 +94,8 @@ class HaManager:
         states = self.observe()
         now = env.monotonic()
         for host, state in states.items():
-            if state == "down" and now - self.dead_since[host] >= self.settings.margin:
-                self._fence(host)
+            if state == "down" and now - self.dead_since[host] >= self.settings.margin \
+                    and self._fence(host):
                 states[host] = "fenced"
         registry = env.domains()
         fenced = {h for h, s in states.items() if s == "fenced"}
@@ -107,16 +109,20 @@ class HaManager:
         for _, level in groupby(todo, key=lambda g: int(g.get("priority", 0))):
             env.run_all([go for g in level if (go := self._restart(g, loads)) is not None])
 
-    def _fence(self, host: str) -> None:
-        """Fence a host that is down."""
+    def _fence(self, host: str) -> bool:
+        """Fence a host that is down; True once it is marked fenced (its domains may move)."""
         try:
             self.env.fence(host)
         except FenceFailed as exc:
-            self.env.log(logging.ERROR,
-                         f"fencing {host} failed, not restarting its domains yet: {exc}")
-            return
+            if host not in self.fence_failing:       # said once, tried every round
+                self.fence_failing.add(host)
+                self.env.log(logging.ERROR,
+                             f"fencing {host} failed, not restarting its domains yet: {exc}")
+            return False
         self.env.mark_fenced(host)
+        self.fence_failing.discard(host)
         self.env.log(logging.WARNING, f"host {host} is down: fenced")
+        return True
 
     def _restart(self, g: dict[str, Any],
                  loads: dict[str, HostLoad]) -> Callable[[], None] | None:
