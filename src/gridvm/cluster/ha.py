@@ -93,6 +93,7 @@ class HaManager:
         env = self.env
         states = self.observe()
         now = env.monotonic()
+        self.fence_failing &= {h for h, s in states.items() if s == "down"}
         for host, state in states.items():
             if state == "down" and now - self.dead_since[host] >= self.settings.margin \
                     and self._fence(host):
