@@ -17,11 +17,13 @@ when this host is elected) it:
    level starts once the one above it has been launched). A domain that stopped
    unexpectedly 3 times within 5 minutes is given up (`ha-failed`: the restart-loop guard;
    host failures do not count); a `best-effort` domain gets one try when no host has room.
-   A launch that fails puts the domain back to `lost`.
+   A launch that fails puts the domain back to `lost`; for `AVOID_S` its retries prefer
+   the other hosts (the one it failed on is used only if nothing else fits).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,6 +47,7 @@ ROUND_S = 0.5
 LOOP_LIMIT = 3
 LOOP_WINDOW_S = 300.0
 OBSERVE_GAP_S = 2.0   # sightings older than a gap this long in observing are forgotten
+AVOID_S = 60.0        # a domain's restarts avoid a host where its launch failed this long
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,7 @@ class HaManager:
         self.observed_at = 0.0
         self.unplaced: set[str] = set()          # "cannot restart yet" already said
         self.fence_failing: set[str] = set()     # "fencing failed" already said
+        self.failed_on: dict[str, dict[str, float]] = {}  # uuid -> host -> launch failed at
 
     def tick(self) -> None:
         """A round if this host leads the HA election, else only `observe` (blocking)."""
@@ -102,6 +106,8 @@ class HaManager:
         fenced = {h for h, s in states.items() if s == "fenced"}
         todo = [g for g in registry.values() if g.get("ha", "off") != "off" and (
             (g.get("host") in fenced and g.get("state") in ACTIVE) or g.get("state") == "lost")]
+        self.failed_on = {u: fails for u, hs in self.failed_on.items()
+                          if (fails := {h: t for h, t in hs.items() if now - t < AVOID_S})}
         if not todo:
             return
         todo.sort(key=lambda g: (-int(g.get("priority", 0)), str(g["name"])))
@@ -125,6 +131,16 @@ class HaManager:
         self.env.log(logging.WARNING, f"host {host} is down: fenced")
         return True
 
+    def _place(self, uuid: str, demand: Demand, loads: dict[str, HostLoad]) -> HostLoad:
+        """place_ha, preferring hosts where this domain's launch has not failed lately."""
+        ratio = self.settings.cpu_ratio
+        failed = self.failed_on.get(uuid, {})
+        if failed:
+            with contextlib.suppress(NoHostFits):
+                return place_ha(demand, [h for h in loads.values() if h.name not in failed],
+                                cpu_ratio=ratio)
+        return place_ha(demand, list(loads.values()), cpu_ratio=ratio)
+
     def _restart(self, g: dict[str, Any],
                  loads: dict[str, HostLoad]) -> Callable[[], None] | None:
         """Place `g` and move its registry record; the launch to run (None: nothing to do)."""
@@ -144,7 +160,7 @@ class HaManager:
             return None
         demand = Demand.of(DomainConfig.model_validate(rec["config"]))
         try:
-            target = place_ha(demand, list(loads.values()), cpu_ratio=self.settings.cpu_ratio)
+            target = self._place(uuid, demand, loads)
         except NoHostFits as exc:
             if rec.get("ha") == "best-effort":
                 env.log(logging.ERROR, f"{name}: best-effort, giving up: {exc}")
@@ -167,7 +183,10 @@ class HaManager:
                 env.launch(target.name, rec["config"], bool(rec.get("managed", False)))
             except GridvmError as exc:
                 env.log(logging.ERROR, f"{name}: restart on {target.name} failed: {exc}")
+                self.failed_on.setdefault(uuid, {})[target.name] = env.monotonic()
                 self._launch_failed(uuid, name, {**rec, **update}, exc)
+            else:
+                self.failed_on.pop(uuid, None)
 
         return launch
 
