@@ -16,7 +16,9 @@ when this host is elected) it:
    a time in that order; the launches of one priority level then run side by side (a
    level starts once the one above it has been launched). A domain that stopped
    unexpectedly 3 times within 5 minutes is given up (`ha-failed`: the restart-loop guard;
-   host failures do not count); a `best-effort` domain gets one try when no host has room.
+   host failures do not count, including domains lost with reason `fenced`, which a host
+   that lost its lease reports when it is back); a `best-effort` domain gets one try when
+   no host has room.
    A launch that fails puts the domain back to `lost`; for `AVOID_S` its retries prefer
    the other hosts (the one it failed on is used only if nothing else fits).
 """
@@ -152,7 +154,9 @@ class HaManager:
         rec, rev = got
         wall = env.wall()
         recent = [t for t in rec.get("ha_restarts", []) if wall - t < LOOP_WINDOW_S]
-        guest_failure = rec.get("state") == "lost"   # host failures do not count
+        # host failures do not count: a domain its host's resync marked lost ("fenced": the
+        # host lost its lease, so its watchdog or a power loss stopped it) is one
+        guest_failure = rec.get("state") == "lost" and rec.get("reason") != "fenced"
         if guest_failure and len(recent) >= LOOP_LIMIT:
             env.log(logging.ERROR, f"{name}: restarted {len(recent)} times in "
                                    f"{LOOP_WINDOW_S:.0f}s; giving up")
