@@ -314,7 +314,10 @@ class SimWorld:
         h.running[cfg.uuid] = cfg.name
 
     def crash(self, uuid: str, name: str) -> None:
-        """A QEMU dies on its host; the host marks it lost (cluster/store.py `_unregister`)."""
+        """A QEMU dies on its host; the host marks it lost (cluster/store.py `_unregister`,
+        as it means to: today the stop reason it reads from SQLite is stale, so it drops the
+        record instead; and a host that is back marks its missing domains lost by `resync`,
+        where today gridvmd's re-adoption drops them first)."""
         where = [h for h in self.hosts.values() if uuid in h.running]
         for h in where:
             del h.running[uuid]
