@@ -21,8 +21,8 @@ from hostlab import HostEnv
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
-from schemathesis.specs.openapi.checks import negative_data_rejection, positive_data_acceptance
 from schemathesis.generation.modes import GenerationMode
+from schemathesis.specs.openapi.checks import negative_data_rejection, positive_data_acceptance
 
 pytestmark = pytest.mark.guest
 
@@ -137,7 +137,7 @@ def test_generated_requests_get_no_server_error(host: HostEnv) -> None:
                           deadline=None, phases=[Phase.explicit, Phase.generate],
                           suppress_health_check=list(HealthCheck))
                 @given(case=strategy, target=st.booleans())
-                def run(case: Any, target: bool) -> None:
+                def run(case: Any, target: bool, real: bool = real) -> None:
                     if real and target and isinstance(case.path_parameters, dict):
                         case.path_parameters["ref"] = "fzm"
                     fuzz.send(case)
