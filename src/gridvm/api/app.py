@@ -20,6 +20,7 @@ from gridvm.api.routes_migration import migration_routes, migration_service
 from gridvm.api.routes_network import network_router
 from gridvm.api.routes_resources import resource_routes
 from gridvm.api.routes_stats import stats_routes
+from gridvm.cluster.evacuation import Evacuations
 from gridvm.cluster.node import ClusterNode
 from gridvm.config.model import DomainConfig, Path_
 from gridvm.errors import ConfigError, Conflict, GridvmError, NotFound, QemuError, ResourceError
@@ -103,31 +104,36 @@ def _tail(path: Path, lines: int) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def make_app(manager: HostManager) -> FastAPI:
-    """The API over one HostManager; its lifespan starts and closes the manager."""
+def make_app(manager: HostManager, cluster_node: ClusterNode | None = None) -> FastAPI:
+    """The API over one HostManager; its lifespan starts and closes the manager (and the
+    node's cluster membership, and with a certificate the TCP listeners)."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await node.resume()  # a clustered home rejoins before its domains are re-adopted
         await manager.start()
         await migrations.reconcile()  # settle migrations a previous gridvmd left half-way
+        if node.files.identity.exists():
+            await node.on_identity()
         try:
             yield
         finally:
+            await evacuations.close()
             await migrations.close()
             await manager.close()
             await node.close()
 
-    node = ClusterNode(manager)
+    node = cluster_node or ClusterNode(manager)
+    evacuations = Evacuations(node)
     migrations = migration_service(manager)
     app = FastAPI(title="gridvmd", lifespan=lifespan, responses=ERROR_RESPONSES)
     app.add_middleware(ClusterRouter, node=node)
     app.add_middleware(BodyLimit)           # outermost: before any handler reads a body
-    app.include_router(cluster_routes(node))
+    app.include_router(cluster_routes(node, evacuations))
     m = manager
     app.include_router(resource_routes(m))
     app.include_router(stats_routes(m))
-    app.include_router(migration_routes(migrations))
+    app.include_router(migration_routes(migrations, node.url_of))
 
     @app.exception_handler(GridvmError)
     async def _gridvm_error(_: Request, exc: GridvmError) -> JSONResponse:

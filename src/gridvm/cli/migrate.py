@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import time
 from typing import Annotated, Any
 
@@ -12,31 +11,33 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
 from gridvm.api.client import Client, q
 from gridvm.errors import ConfigError, GridvmError
-from gridvm.host.migration import RELOCATION_PORT
+from gridvm.netaddr import host_port, parse_hostport
+
+API_PORT = 8002
 
 err = Console(stderr=True)
 POLL_S = 0.1
 
 
 def resolve_target(host: str) -> str:
-    """A lab host (`h2`, `LAB/h2`) → its gridvmd's relocation address; `ADDR[:PORT]` as is."""
+    """`ADDR[:PORT]` as is; a lab host (`LAB/h2`, or `h2` if one lab has it) → its gridvmd's
+    address; any other name goes to gridvmd, which knows its cluster's hosts."""
     text = host.strip()
-    if text.startswith("["):                    # [V6] or [V6]:PORT
-        return text if "]:" in text else f"{text}:{RELOCATION_PORT}"
-    if text.count(":") == 1:                    # NAME:PORT or V4:PORT
-        name, port = text.split(":")
-        if not name or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
-            raise ConfigError(f"invalid destination {host!r}: use HOST, LAB/HOST or ADDR[:PORT]")
-        return text
     try:
-        address = ipaddress.ip_address(text)
-    except ValueError:
-        from gridvm.lab.lab import find_host
+        address, port = parse_hostport(text, API_PORT)
+    except ConfigError:
+        pass
+    else:
+        return host_port(address, port)
+    from gridvm.lab.lab import find_host
 
+    try:
         _, found = find_host(text)
-        return f"{found.address.split('/')[0]}:{RELOCATION_PORT}"
-    return f"[{address}]:{RELOCATION_PORT}" if address.version == 6 \
-        else f"{address}:{RELOCATION_PORT}"
+    except GridvmError:
+        if "/" in text:
+            raise
+        return text                             # a host of gridvmd's cluster, by name
+    return host_port(found.address.split("/")[0], API_PORT)
 
 
 def _size(n: float) -> str:
@@ -76,6 +77,7 @@ def _show(bar: Progress, task: Any, job: dict[str, Any]) -> None:
 def _follow(c: Client, job: dict[str, Any], show: bool) -> dict[str, Any]:
     """Poll the source's migration until it ends; Ctrl-C cancels it (twice: just leave)."""
     mid = job["id"]
+    where = {"host": job["host"]} if job.get("host") else None   # the source, in a cluster
     cancelled = False
     with Progress(TextColumn("{task.description:>9}"), BarColumn(),
                   DownloadColumn(binary_units=True), TextColumn("{task.fields[detail]}"),
@@ -84,7 +86,7 @@ def _follow(c: Client, job: dict[str, Any], show: bool) -> dict[str, Any]:
         while job["finished"] is None:
             try:
                 time.sleep(POLL_S)
-                job = c.get(f"/migrations/{q(mid)}")
+                job = c.get(f"/migrations/{q(mid)}", params=where)
             except KeyboardInterrupt:
                 if cancelled:
                     raise
