@@ -138,7 +138,7 @@ class IncomingView(BaseModel):
 
 
 class Peer(Protocol):
-    """The destination's gridvmd as the source sees it (gridvm.api.relocation implements it)."""
+    """The destination's gridvmd as the source sees it (gridvm.api.hostpeer implements it)."""
 
     address: str
 
