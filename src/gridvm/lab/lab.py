@@ -301,7 +301,7 @@ def _stop_host(host: LabHost) -> None:
 
 def _daemon_alive(host: LabHost) -> bool:
     return host.pid is not None and procs.pid_alive(host.pid) and any(
-        "gridvm.api.daemon" in a for a in procs.cmdline(host.pid))
+        a in ("gridvm.gridvmd", "gridvm.api.daemon") for a in procs.cmdline(host.pid))
 
 
 def _stop_daemon(host: LabHost, *, kill: bool) -> None:
