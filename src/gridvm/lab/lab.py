@@ -44,6 +44,7 @@ LAN_BRIDGE = "lan"
 HOST_IFACE = "eth0"
 HOST_NETWORK = "xenbr0"
 MAX_HOSTS = 50
+WEB_PORT = 8006                # gridvmd --web's default port (Proxmox's)
 
 
 class LabHost(BaseModel):
@@ -72,6 +73,7 @@ class LabState(BaseModel):
     ready: bool = False
     etcd: LabClient | None = None   # with --cluster: etcd's namespace and LAN address
     ttl: int = 5                    # the hosts' lease TTL in a cluster
+    web: bool = False               # hosts serve the web console on their LAN address
 
     def host(self, name: str) -> LabHost:
         for h in self.hosts:
@@ -137,7 +139,8 @@ def find_host(ref: str) -> tuple[LabState, LabHost]:
 
 
 def plan(name: str, hosts: int, *, root: Path, images: Path, accel: str,
-         subnet: str = DEFAULT_SUBNET, cluster: bool = False, ttl: int = 5) -> LabState:
+         subnet: str = DEFAULT_SUBNET, cluster: bool = False, ttl: int = 5,
+         web: bool = False) -> LabState:
     """What `up` will make; validates the request."""
     if not NAME_RE.match(name):
         raise ConfigError(f"invalid lab name {name!r}: a lowercase letter then up to 11 "
@@ -161,6 +164,7 @@ def plan(name: str, hosts: int, *, root: Path, images: Path, accel: str,
         hosts=[LabHost(name=f"h{i}", ns=f"{name}-h{i}", address=addr(10 + i),
                        home=str(root.absolute() / f"h{i}")) for i in range(1, hosts + 1)],
         etcd=LabClient(ns=f"{name}-etcd", address=addr(3)) if cluster else None, ttl=ttl,
+        web=web,
     )
 
 
@@ -238,8 +242,10 @@ def _relocation(state: LabState, host: LabHost) -> list[str]:
     home.ensure()
     if not token_path(home).exists():
         write_token(home, load_token(Home(Path(state.root))))
-    return ["--listen", f"{host.address.split('/')[0]}:{RELOCATION_PORT}",
-            "--relocation-hosts-allow", state.subnet]
+    address = host.address.split("/")[0]
+    web = ["--web", f"{address}:{WEB_PORT}"] if state.web else []
+    return ["--listen", f"{address}:{RELOCATION_PORT}",
+            "--relocation-hosts-allow", state.subnet, *web]
 
 
 def _start_host(state: LabState, host: LabHost, *, network: bool) -> int:
