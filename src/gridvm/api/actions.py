@@ -97,6 +97,7 @@ class MigrateParams(BaseModel, extra="forbid"):
     host: str | None = None        # a cluster host, or …
     address: str | None = None     # … a gridvmd's relocation ADDR:PORT
     live: bool = True
+    bandwidth: int | None = Field(default=None, ge=1, le=1_000_000)   # MiB/s
     timeout: float = Field(default=600, ge=5, le=86_400)
 
 
@@ -122,7 +123,11 @@ class WeightParams(BaseModel, extra="forbid"):
 
 
 async def _domain(api: AppClient, ref: str) -> dict[str, Any]:
+    """A domain's view; in a cluster with the host that has it."""
     view: dict[str, Any] = await api.get(f"/domains/{q(ref)}")
+    if "host" not in view and (await api.get("/cluster")).get("joined"):
+        view["host"] = next((d.get("host") for d in await api.get("/domains")
+                             if d["uuid"] == view["uuid"]), None)
     return view
 
 
@@ -225,7 +230,8 @@ async def _migrate(api: AppClient, target: str, params: BaseModel) -> tuple[str,
         task.log(f"migrate {view['name']}{_where(view)} to {dest} ({address}), "
                  + ("live" if params.live else "paused during the copy"))
         job = await api.post(f"/domains/{view['uuid']}/migrate", {
-            "target": address, "live": params.live, "timeout": params.timeout})
+            "target": address, "live": params.live, "bandwidth": params.bandwidth,
+            "timeout": params.timeout})
         job = await follow_migration(api, task, job, view.get("host"), params.timeout)
         if job["phase"] != "completed":
             raise GridvmError(job["error"] or f"migration of {job['domain']} {job['phase']}")

@@ -36,7 +36,8 @@ def same_origin(conn: HTTPConnection, *, required: bool) -> bool:
     if origin is None:
         return not required
     parts = urlsplit(origin)
-    return parts.scheme == conn.url.scheme and parts.netloc == conn.headers.get("host", "")
+    scheme = {"ws": "http", "wss": "https"}.get(conn.url.scheme, conn.url.scheme)
+    return parts.scheme == scheme and parts.netloc == conn.headers.get("host", "")
 
 
 class Gate:

@@ -265,8 +265,10 @@ function migrateDialog(name) {
   const choose = S.hosts?.cluster?.joined
     ? `<label>To host <select name="host" id="migrate-host">${hosts.map((h) => `<option>${esc(h.name)}</option>`).join("")}</select></label>`
     : `<label>To gridvmd at <input name="address" placeholder="10.0.0.12:8002" required></label>`;
-  dialog(`<h3>Migrate ${esc(name)}</h3>${choose}<label><input type="checkbox" name="live" checked> live (keep the guest running during the copy)</label>${buttons("Migrate")}`,
-    async (fd) => !!(await act("domain.migrate", name, { host: fd.get("host") || null, address: fd.get("address") || null, live: !!fd.get("live") })));
+  dialog(`<h3>Migrate ${esc(name)}</h3>${choose}<label><input type="checkbox" name="live" checked> live (keep the guest running during the copy)</label>
+    <label>Bandwidth <input name="bandwidth" id="migrate-bandwidth" type="number" min="1" placeholder="unlimited"> MiB/s</label>${buttons("Migrate")}`,
+    async (fd) => !!(await act("domain.migrate", name, { host: fd.get("host") || null, address: fd.get("address") || null,
+                                                         live: !!fd.get("live"), bandwidth: Number(fd.get("bandwidth")) || null })));
 }
 
 function weightDialog(service, domain, weight) {
@@ -385,7 +387,7 @@ function domainAct(verb) {
 }
 
 function openConsole() {
-  if (!detail || detail.ws) return;
+  if (!detail || detail.term) return;
   const el = $("#console");
   el.hidden = false;
   const term = new Terminal({ cursorBlink: true, fontSize: 13, scrollback: 5000 });
@@ -393,19 +395,32 @@ function openConsole() {
   term.loadAddon(fit);
   term.open(el);
   fit.fit();
-  const ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ui/ws/console/${encodeURIComponent(detail.name)}`);
-  ws.binaryType = "arraybuffer";
-  ws.onmessage = (e) => term.write(new Uint8Array(e.data));
-  ws.onclose = (e) => {
-    term.write(`\r\n\x1b[33m[console closed${e.reason ? ": " + e.reason : ""}]\x1b[0m\r\n`);
-    if (detail && detail.ws === ws) detail.ws = null;
-  };
-  ws.onerror = () => toast(`console of ${detail?.name}: the connection was refused (stopped domain or read-only token?)`);
   const enc = new TextEncoder();
-  term.onData((d) => { if (ws.readyState === WebSocket.OPEN) ws.send(enc.encode(d)); });
-  Object.assign(detail, { term, ws });
+  term.onData((d) => { if (detail?.ws?.readyState === WebSocket.OPEN) detail.ws.send(enc.encode(d)); });
+  detail.term = term;
   window.gridvmConsole = term;     // for tests and the curious: the xterm.js Terminal
+  connectConsole(detail.name, term, 0);
   term.focus();
+}
+
+// The serial console's websocket; after a migration or a reboot it reconnects to wherever
+// the domain runs now.
+function connectConsole(name, term, retries) {
+  const ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ui/ws/console/${encodeURIComponent(name)}`);
+  ws.binaryType = "arraybuffer";
+  ws.onopen = () => { retries = 0; };
+  ws.onmessage = (e) => term.write(new Uint8Array(e.data));
+  ws.onclose = () => {
+    if (!detail || detail.ws !== ws) return;
+    detail.ws = null;
+    const d = S.domains.find((x) => x.name === name);
+    if (d && d.domid != null && retries < 5) {
+      setTimeout(() => { if (detail && detail.term === term) connectConsole(name, term, retries + 1); }, 1000);
+    } else {
+      term.write("\r\n\x1b[33m[console closed]\x1b[0m\r\n");
+    }
+  };
+  detail.ws = ws;
 }
 
 start();
