@@ -408,7 +408,11 @@ function openConsole() {
 function connectConsole(name, term, retries) {
   const ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ui/ws/console/${encodeURIComponent(name)}`);
   ws.binaryType = "arraybuffer";
-  ws.onopen = () => { retries = 0; };
+  ws.onopen = () => {      // data-connections counts the console's connections (tests wait on it)
+    retries = 0;
+    const el = $("#console");
+    el.dataset.connections = String(Number(el.dataset.connections || 0) + 1);
+  };
   ws.onmessage = (e) => term.write(new Uint8Array(e.data));
   ws.onclose = () => {
     if (!detail || detail.ws !== ws) return;
