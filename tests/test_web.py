@@ -244,8 +244,9 @@ def test_bad_tokens_forged_websockets_and_vanished_domains(lab: LabEnv, browser:
     assert got["status"] == 409 and "already running" in got["body"]["error"]
     got = page_fetch(page, "POST", "api/tasks", {"action": "domain.frobnicate", "target": "wb"})
     assert got["status"] == 422 and "unknown action" in got["body"]["error"]
-    got = page_fetch(page, "POST", "api/tasks", {"action": "domain.create", "target": "new",
-                                                 "params": {"config": "name = 'x'\nmemory = 'lots'\n"}})
+    bad = {"config": "name = 'x'\nmemory = 'lots'\n"}
+    got = page_fetch(page, "POST", "api/tasks",
+                     {"action": "domain.create", "target": "new", "params": bad})
     assert got["status"] == 422 and "<config>:2" in got["body"]["error"], got
     assert len(tasks(lab)) == count and "gone1" not in views(lab) and "x" not in views(lab)
     assert views(lab)["wb"]["state"] == "running"
