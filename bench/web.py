@@ -28,7 +28,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 from playwright.sync_api import Browser, Page, sync_playwright
 
@@ -55,8 +54,11 @@ netmask = "255.255.255.0"
 # (ms since navigation start) of the first frame after `test()` became true.
 PAINT_PROBE = """
 window.__painted = (test) => new Promise((done) => {
-  const check = () => { if (test()) { requestAnimationFrame(() => done(performance.now())); return true; }
-                        return false; };
+  const check = () => {
+    if (!test()) return false;
+    requestAnimationFrame(() => done(performance.now()));
+    return true;
+  };
   if (check()) return;
   const obs = new MutationObserver(() => { if (check()) obs.disconnect(); });
   obs.observe(document, {subtree: true, childList: true, characterData: true});
@@ -95,7 +97,9 @@ def first_paint(b: Browser, base: str, secret: str, count: int, view: str) -> fl
     test = (f"() => (document.querySelector('#view p')?.textContent || '')"
             f".includes('{count} domain(s)')" if view == "overview" else
             f"() => document.querySelectorAll('#domains tbody tr').length === {count}")
-    ms = float(page.evaluate(f"window.__painted({test})"))
+    ms = float(page.evaluate(f"Promise.race([window.__painted({test}), new Promise((_, no) => "
+                             "setTimeout(() => no(new Error('not painted within 30 s')), "
+                             "30000))])"))
     page.context.close()
     return ms
 
@@ -104,8 +108,10 @@ def change_latency(page: Page, api: Client, name: str, rounds: int) -> list[floa
     out = []
     for i in range(rounds):
         verb, state = ("pause", "paused") if i % 2 == 0 else ("unpause", "running")
-        page.evaluate(f"window.__seen = window.__painted(() => document.querySelector("
-                      f"'tr[data-domain={name}] .badge.{state}')).then(() => Date.now())")
+        page.evaluate(f"() => {{ window.__seen = Promise.race([window.__painted(() => "
+                      f"document.querySelector('tr[data-domain={name}] .badge.{state}'))"
+                      ".then(() => Date.now()), new Promise((_, no) => setTimeout(() => no("
+                      f"new Error('{state} not shown within 10 s')), 10000))]); }}")
         api.post(f"/domains/{name}/{verb}")
         changed = time.time() * 1000          # gridvmd has answered: the state is changed
         shown = float(page.evaluate("window.__seen"))

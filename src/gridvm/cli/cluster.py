@@ -143,57 +143,16 @@ def evacuate(
     as_json: JsonOpt = False,
 ) -> None:
     """Live-migrate every running domain off HOST (placement picks each destination), then
-    leave HOST in maintenance. Nothing moves unless every domain has somewhere to go."""
-    import time
-    from pathlib import Path
-
-    from gridvm.api.client import Client
+    leave HOST in maintenance. Nothing moves unless every domain has somewhere to go. Runs
+    as a task (gridvm task show ID)."""
     from gridvm.cli.main import client, emit_json
-    from gridvm.cli.migrate import _follow, summary
+    from gridvm.cli.task import follow
     from gridvm.errors import GridvmError
-    from gridvm.paths import Home
 
-    c = client(60)
-    plan = c.get(f"/cluster/hosts/{host}/evacuation")     # refuses before anything moves
-    c.post(f"/cluster/hosts/{host}/maintenance", {"on": True})  # no new domains meanwhile
-    moves = plan["moves"]
-    source = Client(Home(Path(str(plan["api"])).parent), timeout=60)
-    moved: list[dict[str, Any]] = []
-    try:
-        for i, step in enumerate(moves, 1):
-            if not as_json:
-                _print(f"[{i}/{len(moves)}] {step['domain']}: {host} -> {step['to']} …")
-            job = c.post(f"/domains/{step['uuid']}/migrate", {
-                "target": step["target"], "live": True, "timeout": timeout})
-            job = _follow(source, job, show=not as_json)
-            if job["phase"] != "completed":
-                done = ", ".join(m["domain"] for m in moved) or "none"
-                rest = ", ".join(m["domain"] for m in moves[i - 1:])
-                raise GridvmError(
-                    f"evacuation of {host} stopped: "
-                    f"{job['error'] or job['domain'] + ' ' + job['phase']}; moved: {done}; "
-                    f"still on {host}: {rest}; {host} stays in maintenance")
-            moved.append({"domain": step["domain"], "uuid": step["uuid"], "from": host,
-                          "to": step["to"], "total_ms": job["total_time_ms"],
-                          "downtime_ms": job["downtime_ms"],
-                          "dest_domid": job["dest_domid"]})
-            if not as_json:
-                _print(f"[{i}/{len(moves)}] {summary(job, step['to'])}")
-    finally:
-        source.close()
-    gone = {m["uuid"] for m in moved}
-    deadline = time.monotonic() + 15      # destinations claim the registry as they arrive
-    while True:
-        left = c.get(f"/cluster/hosts/{host}/evacuation")
-        if not gone & {m["uuid"] for m in left["moves"]} or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    result = {"host": host, "maintenance": True, "moved": moved,
-              "left": [*left["moves"], *left["left"]]}
+    task = client(60).post("/tasks", {"action": "host.evacuate", "target": host,
+                                      "params": {"timeout": timeout}})
+    done = follow(task, show=not as_json)
+    if done["state"] != "ok":
+        raise GridvmError(done["error"] or f"task {done['id']} {done['state']}")
     if as_json:
-        emit_json(result)
-        return
-    for d in left["left"]:
-        _print(f"{d['domain']} is {d['state']}: its definition stays on {host}")
-    _print(f"{host}: {len(moved)} domain(s) moved; host is in maintenance "
-           f"(gridvm host maintenance {host} off to bring it back)")
+        emit_json(done["result"])
