@@ -5,7 +5,7 @@ images) and hands each subscriber a section whenever it changed (a server-sent e
 section). Domains and hosts are read every second, and at once when a domain of this host
 changes state (the hub looks at the host's running domains ten times a second) or a task
 moved; tasks whenever one changed; the slower sections every few seconds. It runs only while
-a page is subscribed.
+a page is subscribed, and a little longer (a reload or a new tab paints from memory).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ TICK_S = 0.1            # how often the host's own domains are looked at
 FAST_S = 1.0            # hosts, domains (the whole cluster)
 SLOW_S = 3.0            # networks, services, images
 TASKS_SHOWN = 50
+LINGER_S = 30.0         # keep reading this long after the last page left
 
 
 class Hub:
@@ -40,6 +41,7 @@ class Hub:
         self._subs: set[asyncio.Queue[tuple[str, str]]] = set()
         self._task: asyncio.Task[None] | None = None
         self._refresh = asyncio.Event()
+        self._left = 0.0                            # when the last subscriber left
 
     # ----- subscribers ------------------------------------------------------------------
 
@@ -56,6 +58,7 @@ class Hub:
             yield q
         finally:
             self._subs.discard(q)
+            self._left = time.monotonic()
 
     def poke(self) -> None:
         """Read the fast sections now (an action was just started)."""
@@ -85,7 +88,7 @@ class Hub:
         fast = slow = 0.0
         seen_local = None
         seen_tasks = -1
-        while self._subs:
+        while self._subs or time.monotonic() - self._left < LINGER_S:
             now = time.monotonic()
             local = self._local_states()
             tasks_moved = self.tasks.version != seen_tasks
