@@ -259,3 +259,13 @@ def test_bad_tokens_forged_websockets_and_vanished_domains(lab: LabEnv, browser:
     listing = lab.gridvm("web", "token", "list", host="h1").stdout
     assert "(expired)" in listing and admin not in listing
     wait_for("wb still answers", lambda: lab.http(lab.guest_ip(2)) == "wb", 30)
+
+
+def test_tasks_and_tokens_survive_a_gridvmd_restart(lab: LabEnv, tokens: dict[str, str]) -> None:
+    before = tasks(lab)
+    assert before and all(t["state"] != "running" for t in before)
+    lab.gridvm("lab", "restart", "h1", "--name", lab.name)
+    assert [t["id"] for t in tasks(lab)] == [t["id"] for t in before]
+    with unix_http(lab) as c:
+        r = c.get("/ui/api/whoami", headers=bearer(tokens["admin"]))
+        assert r.status_code == 200 and r.json()["role"] == "admin"
