@@ -158,6 +158,35 @@ def test_admin_starts_uses_console_and_migrates(lab: LabEnv, browser: Browser,
     assert [t["action"] for t in tasks(lab)[:2]] == ["domain.migrate", "domain.start"]
 
 
+def test_service_drain_and_weight(lab: LabEnv, browser: Browser,
+                                  tokens: dict[str, str]) -> None:
+    vip = lab.guest_ip(120)
+    lab.gridvm("service", "create", "websvc", "--vip", f"{vip}:80", "--backends", "wb",
+               "--scheduler", "wrr", "--interval", "0.5", host="h1")
+    page = login(browser, url(lab), tokens["admin"])
+    page.click("nav a[data-view=services]")
+    row = "[data-service=websvc] tr[data-backend=wb]"
+    page.wait_for_selector(f"{row} .badge.up", timeout=30_000)
+    page.click(f"{row} button[data-act=drain]")
+    page.wait_for_selector(f"{row} .badge.drained", timeout=15_000)
+    page.click(f"{row} button[data-act=weight]")
+    page.fill("#weight", "3")
+    page.click("#dialog button[value=ok]")
+    page.wait_for_selector(f"{row} td.weight:text('3')", timeout=15_000)
+    shot(page, "services")
+    backend = json.loads(lab.gridvm("service", "show", "websvc", "--json", host="h1").stdout
+                         )["backends"][0]
+    assert backend["drained"] and backend["weight"] == 3
+    done = [t for t in tasks(lab) if t["target"] == "websvc"]
+    assert [t["action"] for t in done] == ["service.weight", "service.drain"] and all(
+        t["state"] == "ok" for t in done)
+    for view in ("networks", "images"):
+        page.click(f"nav a[data-view={view}]")
+        page.wait_for_selector("#view table.grid tbody tr")
+        shot(page, view)
+    lab.gridvm("service", "delete", "websvc", host="h1")
+
+
 def test_readonly_sees_everything_and_can_do_nothing(lab: LabEnv, browser: Browser,
                                                      tokens: dict[str, str]) -> None:
     page = login(browser, url(lab), tokens["readonly"])

@@ -7,6 +7,7 @@ const S = { me: null, hosts: null, domains: [], tasks: [], networks: [], service
 let events = null;          // the EventSource
 let route = [];             // e.g. ["domain", "web1"]
 let detail = null;          // the open domain detail: {name, charts, stream, term, ws}
+const mine = new Set();     // tasks this page started: their failure is shown when it comes
 
 const $ = (sel, root = document) => root.querySelector(sel);
 const esc = (v) => String(v ?? "").replace(/[&<>"']/g,
@@ -55,6 +56,7 @@ async function act(action, target, params = {}) {
   try {
     const task = await api("POST", "tasks", { action, target, params });
     toast(`${action} ${target}: task ${task.id} started`, "info");
+    mine.add(task.id);
     return task;
   } catch (e) {
     if (e.message !== "not logged in") toast(`${action} ${target}: ${e.message}`);
@@ -197,10 +199,10 @@ function viewServices() {
   const blocks = S.services.map((v) => {
     const owner = v.vip_interface ? `held here on ${v.vip_interface}` : v.vip_owner ? `held by ${v.vip_owner}` : "-";
     const rows = v.backends.map((b) => `<tr data-backend="${esc(b.domain)}"><td>${esc(b.domain)}</td><td>${esc(b.ip || "?")}:${esc(b.port)}</td>
-      <td>${esc(b.weight)}</td><td>${badge(b.state)}</td><td>${esc(b.active)}</td><td>${esc(b.inactive)}</td>
+      <td class="weight">${esc(b.weight)}</td><td>${badge(b.state)}</td><td>${esc(b.active)}</td><td>${esc(b.inactive)}</td>
       <td>${esc(b.last_check)} (${b.checks - b.failed}/${b.checks})</td>
-      <td><button class="small secondary" ${admin() ? "" : "disabled"} onclick="act('service.drain', '${esc(v.name)}', {domain: '${esc(b.domain)}', undo: ${b.state === "draining"}})">${b.state === "draining" ? "Undrain" : "Drain"}</button>
-          <button class="small secondary" ${admin() ? "" : "disabled"} onclick="weightDialog('${esc(v.name)}', '${esc(b.domain)}', ${b.weight})">Weight…</button></td></tr>`).join("");
+      <td><button class="small secondary" ${admin() ? "" : "disabled"} data-act="drain" onclick="act('service.drain', '${esc(v.name)}', {domain: '${esc(b.domain)}', undo: ${!!b.drained}})">${b.drained ? "Undrain" : "Drain"}</button>
+          <button class="small secondary" ${admin() ? "" : "disabled"} data-act="weight" onclick="weightDialog('${esc(v.name)}', '${esc(b.domain)}', ${b.weight})">Weight…</button></td></tr>`).join("");
     return `<div class="card" data-service="${esc(v.name)}"><h3>${esc(v.name)} <span class="muted">${esc(v.address)} · ${esc(v.scheduler)} · VIP ${esc(owner)}</span></h3>
       <table class="grid"><thead><tr><th>Backend</th><th>Address</th><th>Weight</th><th>Health</th><th>Active</th><th>Inactive</th><th>Last check</th><th></th></tr></thead>
       <tbody>${rows}</tbody></table></div>`;
@@ -227,6 +229,11 @@ function viewTasks() {
 }
 
 function renderTaskLog() {
+  for (const t of S.tasks) {
+    if (!mine.has(t.id) || t.state === "running") continue;
+    mine.delete(t.id);
+    if (t.state === "failed") toast(`${t.action} ${t.target} failed: ${t.error}`);
+  }
   $("#tasklog-rows").innerHTML = S.tasks.slice(0, 6).map(taskRow).join("");
   if (taskDialog.open) taskDialog.refresh();
 }
@@ -272,7 +279,7 @@ function migrateDialog(name) {
 }
 
 function weightDialog(service, domain, weight) {
-  dialog(`<h3>${esc(service)}: weight of ${esc(domain)}</h3><input name="weight" type="number" min="0" max="65535" value="${weight}">
+  dialog(`<h3>${esc(service)}: weight of ${esc(domain)}</h3><input name="weight" id="weight" type="number" min="0" max="65535" value="${weight}">
     <p class="muted">0: no new connections (quiesced)</p>${buttons("Set")}`,
     async (fd) => !!(await act("service.weight", service, { domain, weight: Number(fd.get("weight")) })));
 }
