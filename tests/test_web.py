@@ -206,7 +206,7 @@ def test_readonly_sees_everything_and_can_do_nothing(lab: LabEnv, browser: Brows
         target = "h2" if action.startswith("host.") else "wb"
         got = page_fetch(page, "POST", "api/tasks",
                          {"action": action, "target": target, "params": params})
-        assert got["status"] == 403 and "read-only" in got["body"]["detail"], (action, got)
+        assert got["status"] == 403 and "read-only" in got["body"]["error"], (action, got)
     assert page.evaluate("""() => new Promise((done) => {
         const ws = new WebSocket(`wss://${location.host}/ui/ws/console/wb`);
         ws.onopen = () => done("open"); ws.onclose = () => done("closed"); })""") == "closed"
@@ -227,16 +227,16 @@ def test_bad_tokens_forged_websockets_and_vanished_domains(lab: LabEnv, browser:
     with unix_http(lab) as c:
         assert c.get("/ui/api/whoami").status_code == 401
         r = c.get("/ui/api/whoami", headers=bearer(expired))
-        assert r.status_code == 401 and "expired" in r.json()["detail"]
+        assert r.status_code == 401 and "expired" in r.json()["error"]
         r = c.get("/ui/api/whoami", headers=bearer(revoked))
-        assert r.status_code == 401 and "unknown or revoked" in r.json()["detail"]
+        assert r.status_code == 401 and "unknown or revoked" in r.json()["error"]
         assert c.get("/ui/api/whoami", headers=bearer("gvt_00000000_" + "x" * 43)
                      ).status_code == 401
         assert c.post("/ui/api/tasks", json={"action": "domain.destroy", "target": "wb"}
                       ).status_code == 401
         r = c.post("/ui/api/tasks", headers=bearer(admin, "https://evil.example"),
                    json={"action": "domain.destroy", "target": "wb"})
-        assert r.status_code == 403 and "another origin" in r.json()["detail"]
+        assert r.status_code == 403 and "another origin" in r.json()["error"]
         # only the console is served over TCP: the API stays on the Unix socket
         assert c.get("/v1/tokens").status_code == 200
     page = login(browser, url(lab), admin)

@@ -10,24 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError
 
-from gridvm.api.client import AppClient
+from gridvm.api.client import AppClient, q
 from gridvm.api.tasks import Runner, Task, TaskRequest
 from gridvm.config.xmfile import parse_config
 from gridvm.errors import ConfigError, Conflict, GridvmError, NotFound
 
 FOLLOW_S = 0.25              # how often a migration's progress is read
 LOG_PROGRESS_S = 1.0         # a progress line in the log at most this often
-
-
-def q(segment: str) -> str:
-    """A path segment, quoted."""
-    return urllib.parse.quote(segment, safe="")
 
 
 def size_text(n: float) -> str:
@@ -151,7 +145,7 @@ def _verb(verb: str, *, wait: bool = False) -> Prepare:
                 assert isinstance(params, WaitParams)
                 body = {"wait": True, "timeout": params.timeout}
                 task.log(f"waiting up to {params.timeout:.0f} s for the guest")
-            answer = await api.post(f"/domains/{uuid}/{verb}", body)
+            answer = await api.post(f"/domains/{q(uuid)}/{verb}", body)
             if verb == "start":
                 task.log(f"started domain {answer['name']} (id={answer['domid']})")
             return answer
@@ -229,7 +223,7 @@ async def _migrate(api: AppClient, target: str, params: BaseModel) -> tuple[str,
     async def run(task: Task) -> Any:
         task.log(f"migrate {view['name']}{_where(view)} to {dest} ({address}), "
                  + ("live" if params.live else "paused during the copy"))
-        job = await api.post(f"/domains/{view['uuid']}/migrate", {
+        job = await api.post(f"/domains/{q(view['uuid'])}/migrate", {
             "target": address, "live": params.live, "bandwidth": params.bandwidth,
             "timeout": params.timeout})
         job = await follow_migration(api, task, job, view.get("host"), params.timeout)
@@ -270,7 +264,7 @@ async def _evacuate(api: AppClient, target: str, params: BaseModel) -> tuple[str
         moved: list[dict[str, Any]] = []
         for i, step in enumerate(moves, 1):
             task.log(f"[{i}/{len(moves)}] {step['domain']}: {target} -> {step['to']} …")
-            job = await api.post(f"/domains/{step['uuid']}/migrate", {
+            job = await api.post(f"/domains/{q(step['uuid'])}/migrate", {
                 "target": step["target"], "live": True, "timeout": params.timeout})
             job = await follow_migration(api, task, job, target, params.timeout)
             if job["phase"] != "completed":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import urllib.parse
 from typing import Any
 
 import httpx
@@ -22,6 +23,15 @@ class DaemonNotRunning(GridvmError):
 HOST_HEADER = "x-gridvm-host"   # in a cluster: serve this request on that host's gridvmd
 
 
+def q(ref: object) -> str:
+    """One path segment naming an object (domain, network, host…), URL-quoted. A reference
+    can never reach another resource: '/', '.', '..' and empty names are refused."""
+    text = str(ref)
+    if not text or text in (".", "..") or "/" in text or "\0" in text:
+        raise ConfigError(f"invalid name {text!r}")
+    return urllib.parse.quote(text, safe="")
+
+
 class Client:
     def __init__(self, home: Home, timeout: float = 120,
                  headers: dict[str, str] | None = None) -> None:
@@ -37,6 +47,8 @@ class Client:
         kwargs: dict[str, Any] = {"json": json, "params": params}
         if timeout is not None:
             kwargs["timeout"] = timeout
+        if any(part in (".", "..") for part in path.split("?")[0].split("/")):
+            raise ConfigError(f"invalid request path {path!r}")
         try:
             resp = self._http.request(method, f"/v1{path}", **kwargs)
         except (httpx.ConnectError, FileNotFoundError) as exc:
@@ -46,6 +58,12 @@ class Client:
             ) from exc
         except httpx.TimeoutException as exc:
             raise GridvmError(f"gridvmd did not answer {method} {path} in time") from exc
+        except PermissionError as exc:
+            raise GridvmError(f"permission denied on {self.home.api_socket}: using gridvm "
+                              "takes root or membership of the 'gridvm' group") from exc
+        except (httpx.TransportError, OSError) as exc:
+            raise DaemonNotRunning(f"gridvmd went away during {method} {path} "
+                                   f"({type(exc).__name__}); see gridvm log") from exc
         return _answer(resp)
 
     def get(self, path: str, **kw: Any) -> Any:

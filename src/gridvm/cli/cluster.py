@@ -7,6 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
+from gridvm.api.client import q
+
 cluster_app = typer.Typer(no_args_is_help=True, help="Join hosts into an etcd-backed cluster.")
 host_app = typer.Typer(no_args_is_help=True, help="The cluster's hosts.")
 
@@ -116,7 +118,7 @@ def maintenance(host: str, mode: Annotated[str, typer.Argument(metavar="on|off")
 
     if mode not in ("on", "off"):
         raise ConfigError(f"maintenance mode must be on or off, not {mode!r}")
-    client().post(f"/cluster/hosts/{host}/maintenance", {"on": mode == "on"})
+    client().post(f"/cluster/hosts/{q(host)}/maintenance", {"on": mode == "on"})
     _print(f"{host}: maintenance {mode}")
 
 
@@ -127,7 +129,7 @@ def remove(host: str, as_json: JsonOpt = False) -> None:
     first. A removed host that comes back joins again, empty."""
     from gridvm.cli.main import client, emit_json
 
-    res = client().delete(f"/cluster/hosts/{host}")
+    res = client().delete(f"/cluster/hosts/{q(host)}")
     if as_json:
         emit_json(res)
         return

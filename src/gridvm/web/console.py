@@ -20,8 +20,7 @@ from fastapi import APIRouter, HTTPException, WebSocket
 from fastapi.responses import JSONResponse
 from starlette.websockets import WebSocketDisconnect
 
-from gridvm.api.actions import q
-from gridvm.api.client import AppClient
+from gridvm.api.client import AppClient, q
 from gridvm.errors import GridvmError
 from gridvm.web.auth import PATH, Gate
 
@@ -32,7 +31,7 @@ CHUNK = 65536
 
 
 def console_routes(api: AppClient, gate: Gate) -> APIRouter:
-    r = APIRouter()
+    r = APIRouter(include_in_schema=False)
 
     @r.websocket(PATH + "/ws/console/{ref}")
     async def serial(ws: WebSocket, ref: str) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import json
 import logging
 import os
 import re
@@ -21,6 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gridvm.api.client import AppClient
 from gridvm.api.daemon import Daemon, Served, SideServer
+from gridvm.api.limits import reply_error
 from gridvm.api.relocation import parse_listen
 from gridvm.errors import GridvmError
 from gridvm.paths import Home
@@ -59,11 +59,7 @@ class ConsoleOnly:
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 4404})
                 return
-            body = json.dumps({"error": "only the web console is served here"}).encode()
-            await send({"type": "http.response.start", "status": 404,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
+            await reply_error(send, 404, "only the web console is served here")
             return
         await self.app(scope, receive, send)
 

@@ -24,8 +24,8 @@ from fastapi.responses import (
 )
 from pydantic import BaseModel, Field
 
-from gridvm.api.actions import q as _q
 from gridvm.api.client import AppClient
+from gridvm.api.client import q as _q
 from gridvm.api.tokens import Token, TokenStore, Unauthorized
 from gridvm.errors import GridvmError
 from gridvm.web.assets import static_file, vendor_file
@@ -59,7 +59,7 @@ def _sse(gen: AsyncIterator[str]) -> StreamingResponse:
 
 def web_routes(api: AppClient, hub: Hub, tokens: TokenStore) -> APIRouter:
     gate = Gate(tokens)
-    r = APIRouter()
+    r = APIRouter(include_in_schema=False)    # the page's own API, not gridvmd's
     reader, writer = Depends(gate.reader), Depends(gate.writer)
 
     # ----- the page ---------------------------------------------------------------------

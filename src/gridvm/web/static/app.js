@@ -108,7 +108,7 @@ function connect() {
   events.addEventListener("auth", (e) => showLogin(JSON.parse(e.data).error));
   events.onerror = async () => {
     const resp = await fetch("api/whoami").catch(() => null);
-    if (resp && resp.status === 401) showLogin((await resp.json()).detail);
+    if (resp && resp.status === 401) { const b = await resp.json(); showLogin(b.error || b.detail); }
   };
 }
 
