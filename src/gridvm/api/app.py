@@ -14,12 +14,16 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException
 
+from gridvm.api import actions
+from gridvm.api.client import AppClient
 from gridvm.api.limits import BodyLimit
 from gridvm.api.routes_cluster import ClusterRouter, cluster_routes
 from gridvm.api.routes_migration import migration_routes, migration_service
 from gridvm.api.routes_network import network_router
 from gridvm.api.routes_resources import resource_routes
 from gridvm.api.routes_stats import stats_routes
+from gridvm.api.tasks import TaskRequest, Tasks, task_routes
+from gridvm.api.tokens import TokenStore, token_routes
 from gridvm.cluster.evacuation import Evacuations
 from gridvm.cluster.node import ClusterNode
 from gridvm.config.model import DomainConfig, Path_
@@ -115,9 +119,13 @@ def make_app(manager: HostManager, cluster_node: ClusterNode | None = None) -> F
         await migrations.reconcile()  # settle migrations a previous gridvmd left half-way
         if node.files.identity.exists():
             await node.on_identity()
+        tasks.reconcile()             # tasks a previous gridvmd left running have failed
         try:
             yield
         finally:
+            await tasks.close()
+            await inproc.aclose()
+            tokens.close()
             await evacuations.close()
             await migrations.close()
             await manager.close()
@@ -134,6 +142,15 @@ def make_app(manager: HostManager, cluster_node: ClusterNode | None = None) -> F
     app.include_router(resource_routes(m))
     app.include_router(stats_routes(m))
     app.include_router(migration_routes(migrations, node.url_of))
+    tasks, tokens, inproc = Tasks(m.home), TokenStore.of(m.home), AppClient(app)
+    app.state.tasks, app.state.tokens = tasks, tokens
+
+    async def start_task(req: TaskRequest) -> dict[str, Any]:
+        target, run = await actions.prepare(inproc, req)
+        return tasks.start(req.action, target, req.user, run)
+
+    app.include_router(task_routes(tasks, start_task))
+    app.include_router(token_routes(tokens))
 
     @app.exception_handler(GridvmError)
     async def _gridvm_error(_: Request, exc: GridvmError) -> JSONResponse:
@@ -238,6 +255,13 @@ def make_app(manager: HostManager, cluster_node: ClusterNode | None = None) -> F
     async def dmesg(ref: str, lines: int = 200) -> dict[str, Any]:
         vm = m.running(ref)
         return {"text": _tail(vm.console_log, lines)}
+
+    @app.get("/v1/images")
+    async def images() -> list[dict[str, Any]]:
+        from gridvm.images.store import list_images
+
+        return [{**i.to_json(), "kernel_version": i.kernel_version, "recipe": i.recipe,
+                 "hvm": i.disk is not None} for i in list_images(m.home.images)]
 
     @app.get("/v1/log")
     async def daemon_log(lines: int = 200) -> dict[str, Any]:

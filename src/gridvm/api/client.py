@@ -22,6 +22,9 @@ class DaemonNotRunning(GridvmError):
     """No gridvmd answers on the home's socket (or at the address)."""
 
 
+HOST_HEADER = "x-gridvm-host"   # in a cluster: serve this request on that host's gridvmd
+
+
 def q(ref: object) -> str:
     """One path segment naming an object (domain, network, host…), URL-quoted. A reference
     can never reach another resource: '/', '.', '..' and empty names are refused."""
@@ -85,15 +88,7 @@ class Client:
         except (httpx.TransportError, OSError) as exc:
             raise DaemonNotRunning(f"gridvmd went away during {method} {path} "
                                    f"({type(exc).__name__}); see gridvm log") from exc
-        if resp.status_code >= 400:
-            try:
-                body = resp.json()
-            except ValueError:
-                raise GridvmError(f"gridvmd: HTTP {resp.status_code}: {resp.text[:200]}") from None
-            if isinstance(body, dict) and "error" in body:
-                raise error_kind(str(body.get("type", "")))(body["error"])
-            raise GridvmError(_validation_message(body))
-        return resp.json()
+        return _answer(resp)
 
     def get(self, path: str, **kw: Any) -> Any:
         return self.request("GET", path, **kw)
@@ -103,6 +98,45 @@ class Client:
 
     def delete(self, path: str) -> Any:
         return self.request("DELETE", path)
+
+
+class AppClient:
+    """The gridvmd API called in-process (no socket): what the daemon's own parts (tasks,
+    the web console) use, so every request passes the same routes and cluster routing as
+    the CLI's. `host` serves the request on that cluster host's gridvmd."""
+
+    def __init__(self, app: Any, timeout: float = 900) -> None:
+        self._http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                       base_url="http://gridvmd", timeout=timeout)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def request(self, method: str, path: str, *, json: Any = None,
+                      params: dict[str, Any] | None = None, host: str | None = None) -> Any:
+        headers = {HOST_HEADER: host} if host else None
+        resp = await self._http.request(method, f"/v1{path}", json=json, params=params,
+                                        headers=headers)
+        return _answer(resp)
+
+    async def get(self, path: str, **kw: Any) -> Any:
+        return await self.request("GET", path, **kw)
+
+    async def post(self, path: str, json: Any = None, **kw: Any) -> Any:
+        return await self.request("POST", path, json=json if json is not None else {}, **kw)
+
+
+def _answer(resp: httpx.Response) -> Any:
+    """A response's JSON, or its error raised as the gridvm error it stands for."""
+    if resp.status_code >= 400:
+        try:
+            body = resp.json()
+        except ValueError:
+            raise GridvmError(f"gridvmd: HTTP {resp.status_code}: {resp.text[:200]}") from None
+        if isinstance(body, dict) and "error" in body:
+            raise error_kind(str(body.get("type", "")))(body["error"])
+        raise GridvmError(_validation_message(body))
+    return resp.json()
 
 
 def _validation_message(body: Any) -> str:

@@ -1,4 +1,8 @@
-"""gridvmd: the per-host agent. One per home; guests survive its restarts."""
+"""gridvmd: the per-host agent. One per home; guests survive its restarts.
+
+Upper layers add parts to it (`DaemonPart`: the web console) through `main(parts=…)`; the
+`gridvmd` command (`gridvm.gridvmd`) is this daemon with every part.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +13,12 @@ import fcntl
 import logging
 import os
 import signal
+import socket
 import ssl
 import sys
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Generator, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import uvicorn
 from pyroute2 import netns as pyroute2_netns
@@ -22,6 +28,8 @@ from gridvm.api.hostpeer import ApiPeers
 from gridvm.api.listeners import Allowlist, PeerGuard, Sockets, bind_sockets
 from gridvm.api.routes_pki import enroll_app
 from gridvm.api.routes_services import service_router
+from gridvm.api.tasks import Tasks
+from gridvm.api.tokens import TokenStore
 from gridvm.cluster.node import ClusterNode
 from gridvm.cluster.pki import Identity
 from gridvm.cluster.settings import Files
@@ -34,6 +42,44 @@ from gridvm.paths import Home
 from gridvm.store.sqlite import SqliteStore
 
 log = logging.getLogger("gridvm.api")
+
+
+@dataclass(frozen=True)
+class Daemon:
+    """What a part of gridvmd can use: the API app (with its routes, tasks and tokens)."""
+
+    home: Home
+    manager: HostManager
+    app: Any              # the FastAPI app (ASGI)
+    tasks: Tasks
+    tokens: TokenStore
+
+
+class SideServer(uvicorn.Server):
+    """A server run beside the API's own: the API's server handles the signals for both."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+Served = tuple[SideServer, list[socket.socket]]
+
+
+class DaemonPart(Protocol):
+    """A part an upper layer adds to gridvmd (e.g. the web console)."""
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """Its command-line options."""
+        ...
+
+    def configure(self, args: argparse.Namespace, home: Home) -> None:
+        """Check its options and bind its sockets before the daemon runs (GridvmError)."""
+        ...
+
+    def attach(self, daemon: Daemon) -> list[Served]:
+        """Add its routes to the app; servers of its own to run beside the API's."""
+        ...
 
 
 def _lock(home: Home) -> int:
@@ -79,14 +125,6 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-class _Quiet(uvicorn.Server):
-    """A second server in the same process: the main one owns the signals."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
 class TcpListeners:
     """The API over mutual TLS and the enrolment port, served once the host has a
     certificate; the CRL is reloaded into the live TLS context when it changes."""
@@ -97,7 +135,7 @@ class TcpListeners:
         self.api_app: Any = None
         self.enroll_app: Any = None
         self._tls: ssl.SSLContext | None = None
-        self._servers: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
+        self._servers: list[tuple[SideServer, asyncio.Task[None]]] = []
 
     async def start(self) -> None:
         if self._servers or self.socks.api is None or self.socks.enroll is None:
@@ -114,7 +152,7 @@ class TcpListeners:
                                     timeout_graceful_shutdown=5)
             config.load()
             config.ssl = ctx
-            server = _Quiet(config)
+            server = SideServer(config)
             self._servers.append((server, asyncio.create_task(server.serve(sockets=[sock]))))
         log.info("serving the API on %s (mutual TLS) and enrolment on port %d", self.socks.url,
                  self.socks.port + 1)
@@ -134,8 +172,10 @@ class TcpListeners:
         self._servers.clear()
 
 
-async def serve(home: Home, accel: str, socks: Sockets, allow: Allowlist) -> None:
-    """Serve the API on the Unix socket and, with --listen, on TCP (mutual TLS)."""
+async def serve(home: Home, accel: str, socks: Sockets, allow: Allowlist,
+                parts: Sequence[DaemonPart] = ()) -> None:
+    """Serve the API on the Unix socket and, with --listen, on TCP (mutual TLS), and
+    whatever `parts` add."""
     store = SqliteStore(home.db)
     manager = HostManager(home, store, accel=accel)
     manager.net = net = NetworkManager(home, store)
@@ -154,23 +194,30 @@ async def serve(home: Home, accel: str, socks: Sockets, allow: Allowlist) -> Non
     services = ServiceManager(manager, ClusterPeers(manager))
     app = make_app(manager, node)
     app.include_router(service_router(services))
+    daemon = Daemon(home, manager, app, app.state.tasks, app.state.tokens)
+    side = [served for part in parts for served in part.attach(daemon)]
     tcp.api_app = PeerGuard(app, allow)
     tcp.enroll_app = enroll_app(node)
     await services.start()  # health checks; the nft table and VIPs outlive the daemon
     config = uvicorn.Config(app, uds=str(home.api_socket), log_level="warning",
                             lifespan="on", timeout_graceful_shutdown=5)
     server = _Server(config)
+    side_tasks = [asyncio.create_task(s.serve(sockets=ss)) for s, ss in side]
     try:
         await server.serve(sockets=[socks.unix])
     finally:
+        for s, _ in side:
+            s.should_exit = True
+        await asyncio.gather(*side_tasks, return_exceptions=True)
         await tcp.stop()
         await services.close()
         home.api_socket.unlink(missing_ok=True)
         store.close()
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="gridvmd", description=__doc__)
+def main(argv: list[str] | None = None, parts: Sequence[DaemonPart] = ()) -> None:
+    parser = argparse.ArgumentParser(prog="gridvmd", description="gridvmd: the per-host "
+                                     "agent. One per home; guests survive its restarts.")
     parser.add_argument("--home", help="state directory (default $GRIDVM_HOME or /var/lib/gridvm)")
     parser.add_argument("--accel", choices=["auto", "kvm", "tcg"],
                         default=os.environ.get("GRIDVM_ACCEL", "auto"))
@@ -184,6 +231,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="peers allowed on the TCP API: IPs, CIDRs or regexes "
                         "(default: any peer with a certificate of the cluster)")
     parser.add_argument("-v", "--verbose", action="store_true")
+    for part in parts:
+        part.add_arguments(parser)
     args = parser.parse_args(argv)
     home = Home.resolve(args.home)
     try:
@@ -195,13 +244,15 @@ def main(argv: list[str] | None = None) -> None:
         lock = _lock(home)
         allow = Allowlist(args.relocation_hosts_allow)
         socks = bind_sockets(home, args.listen)          # checks --listen
+        for part in parts:
+            part.configure(args, home)
     except (GridvmError, OSError) as exc:
         print(f"gridvmd: error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
     _logging(home, args.verbose)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
-        asyncio.run(serve(home, args.accel, socks, allow))
+        asyncio.run(serve(home, args.accel, socks, allow, parts))
     finally:
         socks.close()
         os.close(lock)

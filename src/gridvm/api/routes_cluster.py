@@ -7,8 +7,10 @@ routed (header x-gridvm-local), it:
   registry's records of domains on hosts that are down;
 * `POST /v1/domains`: checks the name cluster-wide, places the domain (`?host=H` forces
   a host) and sends the request to that host's gridvmd;
-* `/v1/domains/{ref}[/…]`: when `ref` is not a local domain, forwards the request to the
-  gridvmd of the host that has it.
+* `/v1/domains/{ref}[/…]` and `/v1/stats/{ref}/history`: when `ref` is not a local domain,
+  forwards the request to the gridvmd of the host that has it;
+* any request with the header x-gridvm-host: H (H not this host): forwards it to H's gridvmd
+  (following a migration job on its source host, another host's networks or stats).
 Everything else reaches the local API unchanged.
 """
 
@@ -24,6 +26,7 @@ from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gridvm.api.client import HOST_HEADER
 from gridvm.cluster import enroll
 from gridvm.cluster.evacuation import Evacuations
 from gridvm.cluster.membership import InitRequest, JoinRequest
@@ -128,12 +131,18 @@ class ClusterRouter:
             await self.app(scope, receive, send)
             return
         path, method = scope["path"], scope["method"]
+        host = _header(scope, HOST_HEADER)
         try:
-            if path == "/v1/domains" and method == "GET":
-                resp: Response | None = JSONResponse(await self._list())
+            if host is not None and host != self.node.need()[0].host:
+                resp: Response | None = await self._proxy(
+                    host, method, path, await _body(receive),
+                    scope.get("query_string", b"").decode())
+            elif path == "/v1/domains" and method == "GET":
+                resp = JSONResponse(await self._list())
             elif path == "/v1/domains" and method == "POST":
                 resp = await self._create(scope, await _body(receive))
-            elif path.startswith("/v1/domains/"):
+            elif path.startswith("/v1/domains/") or (
+                    path.startswith("/v1/stats/") and path.endswith("/history")):
                 resp = await self._route(scope, receive, path.split("/")[3])
             elif path.startswith("/v1/migrations/"):
                 resp = await self._at_host(scope)
@@ -239,6 +248,13 @@ class ClusterRouter:
         if host is None or host == cfg.host:
             return None
         return await self._proxy(host, scope["method"], scope["path"])
+
+
+def _header(scope: Scope, name: str) -> str | None:
+    for k, v in scope.get("headers", []):
+        if k.decode().lower() == name:
+            return str(v.decode())
+    return None
 
 
 async def _body(receive: Receive) -> bytes:

@@ -195,13 +195,27 @@ def evacuate(
     host: str,
     timeout: Annotated[float, typer.Option(
         "--timeout", help="give up on a domain's migration after this many seconds")] = 600,
-    follow: Annotated[str | None, typer.Option(
-        "--follow", help="follow a running evacuation job (its id) instead")] = None,
+    follow_id: Annotated[str | None, typer.Option(
+        "--follow", help="follow a running evacuation task (its id) instead")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Live-migrate every running domain off HOST (placement picks each destination), then
     leave HOST in maintenance. Nothing moves unless every domain has somewhere to go. The
-    evacuation is a job in gridvmd: Ctrl-C stops following it, not the job."""
-    from gridvm.cli.evacuate import run
+    evacuation is a job in gridvmd, run as a task: Ctrl-C stops following it, not the job
+    (gridvm task show ID -f follows it again; --follow ID too)."""
+    from gridvm.cli.main import client, emit_json, out
+    from gridvm.cli.task import follow
+    from gridvm.errors import GridvmError
 
-    run(host, timeout, follow, as_json)
+    task = {"id": follow_id} if follow_id else client(60).post(
+        "/tasks", {"action": "host.evacuate", "target": host, "params": {"timeout": timeout}})
+    try:
+        done = follow(task, show=not as_json)
+    except KeyboardInterrupt:
+        out.print(f"stopped following; the evacuation goes on in gridvmd "
+                  f"(gridvm task show {task['id']} -f)", highlight=False)
+        raise SystemExit(130) from None
+    if done["state"] != "ok":
+        raise GridvmError(done["error"] or f"task {done['id']} {done['state']}")
+    if as_json:
+        emit_json(done["result"])

@@ -19,7 +19,9 @@ from gridvm.cli.network import network_app
 from gridvm.cli.resources import register as register_resource_verbs
 from gridvm.cli.service import service_app
 from gridvm.cli.target import connect, lab_host
+from gridvm.cli.task import task_app
 from gridvm.cli.top import top
+from gridvm.cli.web import web_app
 from gridvm.config.xmfile import load_config
 from gridvm.errors import ConfigError, GridvmError
 from gridvm.paths import Home
@@ -36,6 +38,8 @@ app.add_typer(lab_app, name="lab")
 app.add_typer(cluster_app, name="cluster")
 app.add_typer(host_app, name="host")
 app.add_typer(service_app, name="service")
+app.add_typer(task_app, name="task")
+app.add_typer(web_app, name="web")
 
 out = Console()
 err = Console(stderr=True)

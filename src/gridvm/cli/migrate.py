@@ -9,6 +9,8 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
+from gridvm.api.actions import migration_summary as summary
+from gridvm.api.actions import progress_detail
 from gridvm.api.client import Client, q
 from gridvm.errors import ConfigError, GridvmError
 from gridvm.netaddr import host_port, parse_hostport
@@ -40,25 +42,6 @@ def resolve_target(host: str) -> str:
     return host_port(found.address.split("/")[0], API_PORT)
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
-def _detail(job: dict[str, Any]) -> str:
-    ram = job["ram"]
-    parts = [f"sent {_size(ram['transferred'])}", f"left {_size(ram['remaining'])}",
-             f"dirty {_size(ram['dirty_rate'])}/s"]
-    if job.get("expected_downtime_ms") is not None:
-        parts.append(f"expected downtime {job['expected_downtime_ms']} ms")
-    if ram["iterations"]:
-        parts.append(f"pass {ram['iterations']}")
-    return " · ".join(parts)
-
-
 def _show(bar: Progress, task: Any, job: dict[str, Any]) -> None:
     phase = job["phase"]
     if phase == "storage":
@@ -69,7 +52,7 @@ def _show(bar: Progress, task: Any, job: dict[str, Any]) -> None:
         ram = job["ram"]
         done = ram["total"] - ram["remaining"] if ram["transferred"] else 0
         bar.update(task, description="memory" if phase == "memory" else "switching",
-                   total=ram["total"], completed=max(done, 0), detail=_detail(job))
+                   total=ram["total"], completed=max(done, 0), detail=progress_detail(job))
     else:
         bar.update(task, description=phase)
 
@@ -96,18 +79,6 @@ def _follow(c: Client, job: dict[str, Any], show: bool) -> dict[str, Any]:
                 continue
             _show(bar, task, job)
     return job
-
-
-def summary(job: dict[str, Any], host: str) -> str:
-    """One line with QEMU's figures for a completed migration."""
-    total = job["total_time_ms"]
-    parts = [f"total {total / 1000:.2f} s" if total is not None else "total ?",
-             f"downtime {job['downtime_ms']} ms", f"setup {job['setup_time_ms']} ms",
-             f"sent {_size(job['ram']['transferred'])}"]
-    if job["copy_storage"]:
-        parts.append(f"disks {_size(job['storage']['total'])}")
-    where = f"{host} (id={job['dest_domid']})" if job["dest_domid"] is not None else host
-    return f"Migrated {job['domain']} to {where}: " + ", ".join(parts)
 
 
 def migrate(

@@ -45,6 +45,7 @@ LAN_BRIDGE = "lan"
 HOST_IFACE = "eth0"
 HOST_NETWORK = "xenbr0"
 MAX_HOSTS = 50
+WEB_PORT = 8006                # gridvmd --web's default port (Proxmox's)
 
 
 class LabHost(BaseModel):
@@ -73,6 +74,7 @@ class LabState(BaseModel):
     ready: bool = False
     etcd: LabClient | None = None   # with --cluster: etcd's namespace and LAN address
     ttl: int = 5                    # the hosts' lease TTL in a cluster
+    web: bool = False               # hosts serve the web console on their LAN address
 
     def host(self, name: str) -> LabHost:
         for h in self.hosts:
@@ -138,7 +140,8 @@ def find_host(ref: str) -> tuple[LabState, LabHost]:
 
 
 def plan(name: str, hosts: int, *, root: Path, images: Path, accel: str,
-         subnet: str = DEFAULT_SUBNET, cluster: bool = False, ttl: int = 5) -> LabState:
+         subnet: str = DEFAULT_SUBNET, cluster: bool = False, ttl: int = 5,
+         web: bool = False) -> LabState:
     """What `up` will make; validates the request."""
     if not NAME_RE.fullmatch(name):
         raise ConfigError(f"invalid lab name {name!r}: a lowercase letter then up to 11 "
@@ -162,6 +165,7 @@ def plan(name: str, hosts: int, *, root: Path, images: Path, accel: str,
         hosts=[LabHost(name=f"h{i}", ns=f"{name}-h{i}", address=addr(10 + i),
                        home=str(root.absolute() / f"h{i}")) for i in range(1, hosts + 1)],
         etcd=LabClient(ns=f"{name}-etcd", address=addr(3)) if cluster else None, ttl=ttl,
+        web=web,
     )
 
 
@@ -239,7 +243,9 @@ def _listen(state: LabState, host: LabHost) -> list[str]:
     home.ensure()
     address = host.address.split("/")[0]
     pki.provision(pki.load_ca(Path(state.root)), Files(home).identity, host.name, address)
-    return ["--listen", f"{address}:{API_PORT}", "--relocation-hosts-allow", state.subnet]
+    web = ["--web", f"{address}:{WEB_PORT}"] if state.web else []
+    return ["--listen", f"{address}:{API_PORT}", "--relocation-hosts-allow", state.subnet,
+            *web]
 
 
 def _start_host(state: LabState, host: LabHost, *, network: bool) -> int:
@@ -307,7 +313,7 @@ def _stop_host(state: LabState, host: LabHost) -> None:
 
 def _daemon_alive(host: LabHost) -> bool:
     return host.pid is not None and procs.pid_alive(host.pid) and any(
-        "gridvm.api.daemon" in a for a in procs.cmdline(host.pid))
+        a in ("gridvm.gridvmd", "gridvm.api.daemon") for a in procs.cmdline(host.pid))
 
 
 def _stop_daemon(host: LabHost, *, kill: bool) -> None:
