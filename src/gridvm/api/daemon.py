@@ -50,6 +50,7 @@ class Daemon:
 
     home: Home
     manager: HostManager
+    node: ClusterNode     # cluster membership (consoles of domains on other hosts)
     app: Any              # the FastAPI app (ASGI)
     tasks: Tasks
     tokens: TokenStore
@@ -194,7 +195,7 @@ async def serve(home: Home, accel: str, socks: Sockets, allow: Allowlist,
     services = ServiceManager(manager, ClusterPeers(manager))
     app = make_app(manager, node)
     app.include_router(service_router(services))
-    daemon = Daemon(home, manager, app, app.state.tasks, app.state.tokens)
+    daemon = Daemon(home, manager, node, app, app.state.tasks, app.state.tokens)
     side = [served for part in parts for served in part.attach(daemon)]
     tcp.api_app = PeerGuard(app, allow)
     tcp.enroll_app = enroll_app(node)

@@ -132,7 +132,10 @@ class PeerGuard:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         client = scope.get("client") or ("", 0)
-        if scope["type"] == "http" and not self.allow.allows(str(client[0])):
+        if scope["type"] in ("http", "websocket") and not self.allow.allows(str(client[0])):
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 4403})
+                return
             await reply_error(send, 403, f"host {client[0]} is not allowed here "
                                          "(gridvmd --relocation-hosts-allow)")
             return
