@@ -53,6 +53,16 @@ class Sockets:
             if s is not None:
                 s.close()
 
+    def rebind(self) -> None:
+        """Bind the TCP sockets again (a server that stopped closed them)."""
+        if self.address is None:
+            return
+        for s in (self.api, self.enroll):
+            if s is not None:
+                s.close()
+        self.api = _tcp(self.address, self.port)
+        self.enroll = _tcp(self.address, self.port + 1)
+
 
 def _tcp(host: str, port: int) -> socket.socket:
     s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
