@@ -194,8 +194,9 @@ def _task_stat(pid: int, tid: int) -> list[str] | None:
 def validate_sched(weight: int | None, cap: int | None) -> None:
     if weight is not None and not 1 <= weight <= 65535:
         raise ConfigError(f"invalid weight {weight}: must be 1..65535 (default 256)")
-    if cap is not None and cap < 0:
-        raise ConfigError(f"invalid cap {cap}: must be 0 (no cap) or a percentage of one CPU")
+    if cap is not None and not 0 <= cap <= 6400:
+        raise ConfigError(f"invalid cap {cap}: must be 0 (no cap) or a percentage of one CPU "
+                          "(at most 6400: 64 vCPUs)")
 
 
 def vif_index(cfg: DomainConfig, vif: str) -> int:

@@ -6,7 +6,9 @@ import sqlite3
 import threading
 from pathlib import Path
 
-from gridvm.errors import Conflict
+from pydantic import ValidationError
+
+from gridvm.errors import ConfigError, Conflict
 from gridvm.store.records import DomainRecord
 
 SCHEMA = """
@@ -33,12 +35,22 @@ class SqliteStore:
         self._db.close()
 
     def put(self, rec: DomainRecord) -> None:
+        """Store a record; one whose config no longer passes the model (an update made with
+        model_copy, which skips validation) is refused: it could never be read back."""
+        text = rec.model_dump_json()
+        try:
+            DomainRecord.model_validate_json(text)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"])
+            raise ConfigError(f"invalid {where}: "
+                              f"{str(err['msg']).removeprefix('Value error, ')}") from None
         with self._lock:
             try:
                 self._db.execute(
                     "INSERT INTO domains(uuid, name, record) VALUES (?, ?, ?) "
                     "ON CONFLICT(uuid) DO UPDATE SET name=excluded.name, record=excluded.record",
-                    (rec.uuid, rec.name, rec.model_dump_json()),
+                    (rec.uuid, rec.name, text),
                 )
             except sqlite3.IntegrityError as exc:
                 raise Conflict(f"domain name {rec.name!r} is already in use") from exc
