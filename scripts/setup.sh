@@ -12,6 +12,8 @@ APT_PACKAGES=(
   etcd-server etcd-client             # cluster state (gridvm cluster, lab --cluster)
   conntrackd                          # directors mirror their connections (lb/ctsync.py)
   haproxy                             # bench/services.py compares virtual services with it
+  mmdebstrap fdisk grub-pc-bin       # image builds from recipes (gridvm image build debian)
+  xorriso                             # cloud-init NoCloud seeds for clones (no mounts)
   python3-venv
 )
 

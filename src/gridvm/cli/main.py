@@ -13,6 +13,7 @@ from rich.table import Table
 
 from gridvm.api.client import Client
 from gridvm.cli.cluster import cluster_app, host_app
+from gridvm.cli.image import image_app
 from gridvm.cli.lab import lab_app
 from gridvm.cli.migrate import migrate
 from gridvm.cli.network import network_app
@@ -26,7 +27,6 @@ from gridvm.paths import Home
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Xen-style toolstack on QEMU (xm/xl verbs).")
-image_app = typer.Typer(no_args_is_help=True, help="Guest images.")
 app.add_typer(image_app, name="image")
 register_resource_verbs(app)
 app.command("top")(top)
@@ -312,39 +312,6 @@ def dmesg(dom: str, lines: Annotated[int, typer.Option("-n")] = 200) -> None:
 def log(lines: Annotated[int, typer.Option("-n")] = 200) -> None:
     """The gridvmd log."""
     sys.stdout.write(client().get("/log", params={"lines": lines})["text"] + "\n")
-
-
-# ----- images --------------------------------------------------------------------------------
-
-
-@image_app.command("build")
-def image_build(name: Annotated[str, typer.Argument(help="recipe")] = "tiny",
-                force: Annotated[bool, typer.Option("--force")] = False) -> None:
-    """Build a guest image into the image store (idempotent)."""
-    from gridvm.images.tiny import build_tiny
-
-    if name != "tiny":
-        raise GridvmError(f"unknown image recipe {name!r} (known: tiny)")
-    State.home.images.mkdir(parents=True, exist_ok=True)
-    with err.status("building the tiny guest image") as status:
-        img = build_tiny(State.home.images, force=force,
-                         log=lambda msg: status.update(f"tiny: {msg}"))
-    out.print(f"tiny: kernel {img.kernel}, ramdisk {img.ramdisk}, disk {img.disk}",
-              highlight=False)
-
-
-@image_app.command("list")
-def image_list(as_json: JsonOpt = False) -> None:
-    """List images in the store."""
-    from gridvm.images.store import list_images
-
-    images = [i.to_json() for i in list_images(State.home.images)]
-    if as_json:
-        emit_json(images)
-        return
-    for i in images:
-        out.print(f"{i['name']}: kernel={i['kernel']} ramdisk={i['ramdisk']} disk={i['disk']}",
-                  highlight=False)
 
 
 @app.command()
