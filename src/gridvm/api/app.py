@@ -6,13 +6,14 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from gridvm.api.routes_cluster import ClusterRouter, cluster_routes
+from gridvm.api.routes_guest import guest_routes
 from gridvm.api.routes_migration import migration_routes, migration_service
 from gridvm.api.routes_network import network_router
 from gridvm.api.routes_resources import resource_routes
@@ -44,6 +45,10 @@ class CreateRequest(BaseModel):
 class WaitRequest(BaseModel):
     wait: bool = False
     timeout: float = 120
+
+
+class ShutdownRequest(WaitRequest):
+    agent: Literal["fallback", "only", "never"] = "fallback"
 
 
 class StartRequest(BaseModel):
@@ -90,6 +95,7 @@ def make_app(manager: HostManager) -> FastAPI:
     m = manager
     app.include_router(resource_routes(m))
     app.include_router(stats_routes(m))
+    app.include_router(guest_routes(m))
     app.include_router(migration_routes(migrations))
 
     @app.exception_handler(GridvmError)
@@ -133,8 +139,8 @@ def make_app(manager: HostManager) -> FastAPI:
         return m.view(rec)
 
     @app.post("/v1/domains/{ref}/shutdown")
-    async def shutdown(ref: str, req: WaitRequest) -> dict[str, Any]:
-        await m.shutdown(ref, wait=req.wait, timeout=req.timeout)
+    async def shutdown(ref: str, req: ShutdownRequest) -> dict[str, Any]:
+        await m.shutdown(ref, wait=req.wait, timeout=req.timeout, agent=req.agent)
         return {"ok": True}
 
     @app.post("/v1/domains/{ref}/reboot")

@@ -24,6 +24,7 @@ from gridvm.host.manager import HostManager
 from gridvm.host.networks import NetworkManager
 from gridvm.lb.services import ServiceManager
 from gridvm.paths import Home
+from gridvm.provision.pygrub import PyGrub
 from gridvm.store.sqlite import SqliteStore
 
 
@@ -61,6 +62,7 @@ async def serve(home: Home, accel: str, sockets: list[socket.socket],
     store = SqliteStore(home.db)
     manager = HostManager(home, store, accel=accel)
     manager.net = net = NetworkManager(home, store)
+    manager.bootloader = PyGrub()
     await net.start()  # rebuild networks and reconcile leftovers before domains are adopted
     sock = home.api_socket
     services = ServiceManager(manager, ClusterPeers(manager))

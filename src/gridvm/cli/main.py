@@ -13,6 +13,7 @@ from rich.table import Table
 
 from gridvm.api.client import Client
 from gridvm.cli.cluster import cluster_app, host_app
+from gridvm.cli.guest import register as register_guest_verbs
 from gridvm.cli.image import image_app
 from gridvm.cli.lab import lab_app
 from gridvm.cli.migrate import migrate
@@ -29,6 +30,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Xen-style toolstack on QEMU (xm/xl verbs).")
 app.add_typer(image_app, name="image")
 register_resource_verbs(app)
+register_guest_verbs(app)
 app.command("top")(top)
 app.command("migrate")(migrate)
 app.add_typer(network_app, name="network")
@@ -150,9 +152,15 @@ Timeout = Annotated[float, typer.Option("--timeout", help="seconds to wait with 
 
 
 @app.command()
-def shutdown(dom: str, wait: Wait = False, timeout: Timeout = 120) -> None:
-    """Ask a domain to power off (ACPI power button)."""
-    client(timeout + 10).post(f"/domains/{dom}/shutdown", {"wait": wait, "timeout": timeout})
+def shutdown(dom: str, wait: Wait = False, timeout: Timeout = 120,
+             agent: Annotated[str, typer.Option(
+                 "--agent", help="fallback: ask the guest agent if ACPI is ignored (30 s); "
+                 "only: ask the agent at once; never")] = "fallback") -> None:
+    """Ask a domain to power off (ACPI power button; the guest agent if ACPI is ignored)."""
+    if agent not in ("fallback", "only", "never"):
+        raise ConfigError(f"--agent {agent!r}: expected fallback, only or never")
+    client(timeout + 10).post(f"/domains/{dom}/shutdown",
+                              {"wait": wait, "timeout": timeout, "agent": agent})
 
 
 @app.command()

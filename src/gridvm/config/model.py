@@ -20,6 +20,7 @@ HaPolicy = Literal["restart", "best-effort", "off"]
 
 MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+VAR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
 
 class Strict(BaseModel):
@@ -119,6 +120,11 @@ class DomainConfig(Strict):
     ha: HaParams = Field(default_factory=HaParams)
     serial: str = "pty"
     boot: str = "c"
+    bootloader: str | None = Field(default=None, description="pygrub: boot the kernel the "
+                                   "first disk's GRUB configuration names (PV domains)")
+    bootloader_args: list[str] = Field(default_factory=list)
+    guest_vars: dict[str, str] = Field(default_factory=dict, description="KEY=VALUE settings "
+                                       "for the guest (SMBIOS OEM strings gridvm.var.KEY)")
     source_file: str | None = None
     source_format: Literal["xm", "xl", "api"] = "api"
 
@@ -131,6 +137,16 @@ class DomainConfig(Strict):
             )
         if v.isdigit():
             raise ValueError(f"domain name {v!r} must not be all digits (a domid)")
+        return v
+
+    @field_validator("guest_vars")
+    @classmethod
+    def _guest_vars(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            if not VAR_RE.match(key):
+                raise ValueError(f"invalid guest variable name {key!r} (letters, digits, _)")
+            if len(value) > 1024 or any(c in value for c in "\n\r\0"):
+                raise ValueError(f"guest variable {key}: value too long or not one line")
         return v
 
     @field_validator("uuid")

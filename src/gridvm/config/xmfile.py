@@ -26,7 +26,8 @@ Variables (`gridvm create web.cfg vmid=3`) are names visible to the file (string
 Keys read: name uuid memory maxmem vcpus cpus builder type kernel ramdisk root extra cmdline
 disk vif ip netmask gateway hostname dhcp on_poweroff on_reboot on_crash restart (xm's
 deprecated onreboot/always/never) cpu_weight cpu_cap weight cap serial boot ha ha_priority
-ha_group hosts. `IGNORED_KEYS` are accepted silently
+ha_group hosts bootloader bootloader_args (bootargs) guest_vars; a PV-GRUB `kernel`
+(pv-grub-*.gz) becomes pygrub with `extra` as its menu.lst. `IGNORED_KEYS` are accepted silently
 (display, firmware and platform switches QEMU decides for itself); `UNSUPPORTED_KEYS` are
 ignored with a warning saying why. Any other key a file assigns and never reads gets the
 warning "file:line: unknown key 'x' ignored"; names the file reads (helper variables) do not.
@@ -44,6 +45,7 @@ from typing import Literal, NoReturn, TypeVar, get_args
 
 from pydantic import BaseModel, ValidationError
 
+from gridvm.config.bootargs import parse_boot_args
 from gridvm.config.model import (
     Action,
     Actions,
@@ -102,14 +104,10 @@ IGNORED_KEYS = frozenset({
     "blkif", "netif", "tpmif", "features",
 })
 
-_NO_BOOTLOADER = "bootloader is not supported: PV domains boot the kernel given by 'kernel'"
 _NO_PASSTHROUGH = "device passthrough is not supported"
 _NO_DEVICE = "this device type is not supported"
 _NO_HOTPLUG = "vcpu hotplug is not supported: the domain gets 'vcpus' CPUs"
 UNSUPPORTED_KEYS: Mapping[str, str] = {
-    "bootloader": _NO_BOOTLOADER,
-    "bootloader_args": _NO_BOOTLOADER,
-    "bootargs": _NO_BOOTLOADER,
     **dict.fromkeys(
         ("pci", "ioports", "iomem", "irqs", "dtdev", "gfx_passthru", "usbctrl", "usbdev",
          "vscsi", "rdm"), _NO_PASSTHROUGH),
@@ -139,6 +137,8 @@ UNSUPPORTED_KEYS: Mapping[str, str] = {
     "access_control": "security labels are not supported",
 }
 
+_BOOTLOADER = re.compile(r"(py|pv)-?grub|domUloader")
+_PVGRUB = re.compile(r"^(pv-?grub.*|grub-.*xen.*)$")
 _MAX_MIB = 16 << 20
 _MAX_CAP = 6400
 _MAX_IOPS = 10**9
@@ -684,6 +684,42 @@ class _Reader:
             self.bad(key, value, "expected boot devices from 'acdn', e.g. 'c' or 'dc'")
         self.set(key, "boot", value)
 
+    def k_bootloader(self, key: str, value: object) -> None:
+        if not isinstance(value, str):
+            self.bad(key, value, "expected a path such as '/usr/bin/pygrub'")
+        base = os.path.basename(value.strip())
+        if not _BOOTLOADER.search(base):
+            self.bad(key, value, "gridvm's boot loader is pygrub (bootloader = 'pygrub')")
+        self.set(key, "bootloader", "pygrub")
+
+    def k_bootloader_args(self, key: str, value: object) -> None:
+        try:
+            args = _str_list(value)
+        except ValueError as exc:
+            self.bad(key, value, str(exc))
+        try:
+            parse_boot_args(args)
+        except ConfigError as exc:
+            self.fail(key, str(exc))
+        given = self.fields.get("bootloader_args")
+        self.set(key, "bootloader_args", [*(given if isinstance(given, list) else []), *args])
+
+    def k_guest_vars(self, key: str, value: object) -> None:
+        items: dict[str, str] = {}
+        pairs: list[tuple[object, object]]
+        if isinstance(value, dict):
+            pairs = list(value.items())
+        else:
+            try:
+                pairs = [(v.partition("=")[0], v.partition("=")[2]) for v in _str_list(value)]
+            except ValueError:
+                self.bad(key, value, "expected {'NAME': 'VALUE'} or ['NAME=VALUE']")
+        for name, val in pairs:
+            if not isinstance(name, str) or not isinstance(val, str | int):
+                self.bad(key, value, "names and values are strings")
+            items[name] = str(val)
+        self.set(key, "guest_vars", items)
+
     def k_ha(self, key: str, value: object) -> None:
         if key == "ha":
             if isinstance(value, bool | int) and value in (0, 1):
@@ -718,6 +754,23 @@ class _Reader:
         kernel = self.fields.get("kernel")
         if dtype == "hvm" and isinstance(kernel, str) and os.path.basename(kernel) == "hvmloader":
             del self.fields["kernel"]  # xm's HVM firmware loader: SeaBIOS takes its place
+        elif dtype != "hvm" and isinstance(kernel, str) and _PVGRUB.match(
+                os.path.basename(kernel)):
+            # PV-GRUB: a GRUB built as a PV kernel, `extra` names its menu.lst. pygrub does
+            # the same job from the host.
+            del self.fields["kernel"]
+            self.fields.pop("ramdisk", None)
+            self.fields["bootloader"] = "pygrub"
+            menu = self.fields.pop("extra", None)
+            if isinstance(menu, str) and menu.strip():
+                given = self.fields.get("bootloader_args")
+                self.fields["bootloader_args"] = [
+                    *(given if isinstance(given, list) else []), f"--config={menu.strip()}"]
+        if dtype == "hvm" and self.fields.get("bootloader"):
+            self.warn("bootloader", "bootloader ignored: HVM domains boot from their disk "
+                      "through the firmware")
+            self.fields.pop("bootloader")
+            self.fields.pop("bootloader_args", None)
         if "name" not in self.fields:
             raise ConfigError("missing required key 'name'", file=self.filename)
         self.fields["actions"] = self.sub_all(Actions, self.actions)
@@ -774,6 +827,9 @@ _HANDLERS: dict[str, Callable[[_Reader, str, object], None]] = {
     "serial": _Reader.k_serial,
     "boot": _Reader.k_boot,
     **dict.fromkeys(("ha", "ha_priority", "ha_group", "hosts"), _Reader.k_ha),
+    "bootloader": _Reader.k_bootloader,
+    **dict.fromkeys(("bootloader_args", "bootargs"), _Reader.k_bootloader_args),
+    "guest_vars": _Reader.k_guest_vars,
 }
 KNOWN_KEYS = frozenset(_HANDLERS)
 

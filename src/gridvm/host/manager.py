@@ -22,6 +22,7 @@ from gridvm.config.macs import assign_macs
 from gridvm.config.model import DomainConfig, Sched, VifSpec
 from gridvm.errors import ConfigError, Conflict, GridvmError, NotFound, QemuError
 from gridvm.host import hostinfo, links, procs, savefile
+from gridvm.host.guest import Guests
 from gridvm.host.resources import Resources, validate_sched, vif_index
 from gridvm.host.stats import Sampler
 from gridvm.host.vm import Vm, release
@@ -49,6 +50,24 @@ class NetPlug(Protocol):
 
     async def domain_stopped(self, rec: DomainRecord) -> None: ...
 
+    async def leases(self, rec: DomainRecord) -> dict[str, str]:
+        """MAC -> address of the DHCP leases the domain's vifs hold (NAT networks)."""
+        ...
+
+
+class BootLoader(Protocol):
+    """Finds a PV domain's kernel on its own disk (pygrub; gridvm.provision implements it)."""
+
+    def boot(self, cfg: DomainConfig, workdir: Path) -> DomainConfig:
+        """`cfg` with kernel, ramdisk and cmdline set, files placed under `workdir`."""
+        ...
+
+
+class NoBootLoader:
+    def boot(self, cfg: DomainConfig, workdir: Path) -> DomainConfig:
+        raise ConfigError(f"domain {cfg.name}: bootloader = 'pygrub' needs gridvmd's boot "
+                          "loader (not available here)")
+
 
 class PlainBridges:
     """Without a network layer: `bridge=` names a Linux bridge, created if missing."""
@@ -61,6 +80,9 @@ class PlainBridges:
 
     async def domain_stopped(self, rec: DomainRecord) -> None:
         return None
+
+    async def leases(self, rec: DomainRecord) -> dict[str, str]:
+        return {}
 
 
 class HostManager:
@@ -75,8 +97,10 @@ class HostManager:
         self.vms: dict[str, Vm] = {}          # by uuid
         self._create_lock = asyncio.Lock()
         self.net: NetPlug = PlainBridges()
+        self.bootloader: BootLoader = NoBootLoader()
         self.res = Resources(home)
         self.stats = Sampler(self)            # usage counters for top, /v1/stats, /metrics
+        self.guests = Guests(self)            # guest agent: exec, addresses, fsfreeze
 
     # ----- lifecycle of the manager ---------------------------------------------------------
 
@@ -95,6 +119,7 @@ class HostManager:
     async def close(self) -> None:
         """Stop watching; guests keep running (the next gridvmd re-adopts them)."""
         await self.stats.close()
+        await self.guests.close()
         for vm in list(self.vms.values()):
             await vm.detach()
         self.vms.clear()
@@ -243,10 +268,9 @@ class HostManager:
         domid = self.store.next_domid()
         rundir = self.home.run / str(domid)
         taps = [v.vifname or f"vif{domid}.{i}" for i, v in enumerate(cfg.vifs)]
-        argv = build_argv(self.qemu, cfg, accel=self.accel, rundir=rundir, taps=taps,
-                          incoming=incoming)
-        if paused and not incoming:
-            argv.append("-S")
+        if not cfg.bootloader or cfg.type == "hvm":
+            argv = build_argv(self.qemu, cfg, accel=self.accel, rundir=rundir, taps=taps,
+                              incoming=incoming)
         rec.domid, rec.taps, rec.state, rec.accel = domid, [], "dying", self.accel
         rec.shutdown_reason = None
         self.store.put(rec)               # intent first: a crash from here on is reconciled
@@ -256,6 +280,12 @@ class HostManager:
         try:
             shutil.rmtree(rundir, ignore_errors=True)
             rundir.mkdir(parents=True)
+            if cfg.bootloader and cfg.type != "hvm":   # pygrub: the kernel from its disk
+                booted = await asyncio.to_thread(self.bootloader.boot, cfg, rundir)
+                argv = build_argv(self.qemu, booted, accel=self.accel, rundir=rundir,
+                                  taps=taps, incoming=incoming)
+            if paused and not incoming:
+                argv.append("-S")
             for tap, vif in zip(taps, cfg.vifs, strict=True):
                 bridge = await self.net.bridge_for(vif)
                 await asyncio.to_thread(links.create_tap, tap, bridge)
@@ -388,6 +418,7 @@ class HostManager:
     async def _teardown(self, vm: Vm, *, reason: str) -> None:
         """Stop QEMU, free taps and files, and retire the record."""
         vm.rec.state = "dying"
+        self.guests.forget(vm.rec.uuid)
         await vm.stop_process()
         await self.res.release(vm.rec)
         await vm.release_resources()
@@ -414,9 +445,17 @@ class HostManager:
 
     # ----- verbs --------------------------------------------------------------------------
 
-    async def shutdown(self, ref: str, *, wait: bool = False, timeout: float = 120) -> None:
+    async def shutdown(self, ref: str, *, wait: bool = False, timeout: float = 120,
+                       agent: str = "fallback") -> None:
+        """ACPI power button; `agent`: fallback (ask the guest agent if ACPI is ignored for
+        a while), only (ask the agent straight away) or never."""
         async with self.operation(ref, "shutdown") as vm:
-            await vm.monitor.execute("system_powerdown")
+            if agent == "only":
+                await self.guests.shutdown(ref)
+            else:
+                await vm.monitor.execute("system_powerdown")
+                if agent == "fallback":
+                    self.guests.fallback_after_acpi(vm, min(30.0, timeout / 2))
         if wait:
             await self._wait(vm.gone, timeout, f"domain {vm.name} did not shut down")
 
@@ -641,13 +680,27 @@ class HostManager:
     # ----- views --------------------------------------------------------------------------
 
     async def live_view(self, rec: DomainRecord) -> dict[str, Any]:
-        """`view` plus what only the running QEMU knows (the balloon's actual size)."""
+        """`view` plus what only the running domain knows: the balloon's actual size, and
+        the guest's addresses (its agent, else its DHCP leases)."""
         data = self.view(rec)
         vm = self.vms.get(rec.uuid)
         if vm is not None:
             actual = await self.res.current_memory(vm)
             if actual is not None:
                 data["memory"] = actual
+            found = await self.guests.addresses(vm)
+            data["agent"] = found is not None
+            source = "agent"
+            if found is None:
+                source = "lease"
+                found = {mac: [ip] for mac, ip in (await self.net.leases(rec)).items()}
+            addresses: list[str] = []
+            for nic in data["vifs"]:
+                ips = found.get(nic["mac"] or "", [])
+                addresses += ips
+                if nic["ip"] is None and ips:
+                    nic["ip"], nic["ip_source"] = ips[0], source
+            data["addresses"] = addresses
         return data
 
     def view(self, rec: DomainRecord) -> dict[str, Any]:

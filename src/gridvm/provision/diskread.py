@@ -13,7 +13,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -98,6 +98,57 @@ def raw_view(disk: Path, fmt: str, part: Partition | None) -> Iterator[tuple[Pat
         yield out, 0
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+class DiskViews:
+    """Raw views of one disk's partitions, each made at most once, released together."""
+
+    def __init__(self, disk: Path, fmt: str | None = None) -> None:
+        self.disk = disk
+        self.fmt = fmt or image_format(disk)
+        self._stack = ExitStack()
+        self._views: dict[int, tuple[Path, int]] = {}
+
+    def __enter__(self) -> DiskViews:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def partitions(self) -> list[Partition]:
+        return partitions(self.disk, self.fmt)
+
+    def view(self, part: Partition | None) -> tuple[Path, int]:
+        key = part.number if part else 0
+        if key not in self._views:
+            self._views[key] = self._stack.enter_context(raw_view(self.disk, self.fmt, part))
+        return self._views[key]
+
+    def reader(self, part: Partition | None) -> ExtReader | None:
+        """An ext2/3/4 reader of the partition, None if it holds no such filesystem."""
+        if self.fmt != "raw" and not self._ext_head(part):
+            return None
+        image, offset = self.view(part)
+        return ExtReader(image, offset) if is_ext(image, offset) else None
+
+    def _ext_head(self, part: Partition | None) -> bool:
+        with tempfile.TemporaryDirectory(prefix="gridvm-sb-") as tmp:
+            head = Path(tmp) / "head"
+            _extract(self.disk, self.fmt, head, part.start if part else 0, 64 << 10)
+            return is_ext(head, 0)
+
+    def fs_uuid(self, part: Partition) -> str:
+        """The filesystem UUID of a partition (blkid), '' if none."""
+        with tempfile.TemporaryDirectory(prefix="gridvm-sb-") as tmp:
+            if self.fmt == "raw":
+                image, offset = self.disk, part.start
+            else:
+                image, offset = Path(tmp) / "head", 0
+                _extract(self.disk, self.fmt, image, part.start, min(part.size, 1 << 20))
+            out = procs.run(["blkid", "-p", "-O", str(offset), "-o", "export", str(image)],
+                            check=False, timeout=30).stdout.decode()
+        fields = dict(line.partition("=")[::2] for line in out.splitlines())
+        return fields.get("UUID", "").lower()
 
 
 def is_ext(image: Path, offset: int) -> bool:
