@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gridvm.api.client import Client
+from gridvm.cli.clone import register as register_clone_verbs
 from gridvm.cli.cluster import cluster_app, host_app
 from gridvm.cli.guest import register as register_guest_verbs
 from gridvm.cli.image import image_app
@@ -31,6 +32,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 app.add_typer(image_app, name="image")
 register_resource_verbs(app)
 register_guest_verbs(app)
+register_clone_verbs(app, image_app)
 app.command("top")(top)
 app.command("migrate")(migrate)
 app.add_typer(network_app, name="network")
@@ -142,9 +144,21 @@ def start(
 
 
 @app.command()
-def delete(dom: str) -> None:
+def delete(dom: str, purge: Annotated[bool, typer.Option(
+        "--purge", help="also remove the disks and config gridvm made for it (clones)")]
+        = False) -> None:
     """Remove a defined domain that is not running."""
-    client().delete(f"/domains/{dom}")
+    c = client()
+    view = c.get(f"/domains/{dom}") if purge else None
+    c.delete(f"/domains/{dom}")
+    if view is not None:
+        home = State.home
+        owned = [Path(d["target"]) for d in view["config"]["disks"]]
+        if view["config"].get("source_file"):
+            owned.append(Path(view["config"]["source_file"]))
+        for path in owned:
+            if path.parent in (home.disks, home.domain_configs):
+                path.unlink(missing_ok=True)
 
 
 Wait = Annotated[bool, typer.Option("-w", "--wait", help="wait until it is done")]

@@ -26,6 +26,7 @@ from gridvm.host.guest import Guests
 from gridvm.host.resources import Resources, validate_sched, vif_index
 from gridvm.host.stats import Sampler
 from gridvm.host.vm import Vm, release
+from gridvm.images.store import template_of
 from gridvm.paths import Home
 from gridvm.qemu import accel as accelmod
 from gridvm.qemu.argv import build_argv
@@ -258,6 +259,10 @@ class HostManager:
         for d in cfg.disks:
             if not Path(d.target).exists():
                 raise NotFound(f"domain {cfg.name}: disk {d.vdev} {d.target} does not exist")
+            template = template_of(self.home.images, d.target) if d.mode == "w" else None
+            if template is not None:
+                raise Conflict(f"domain {cfg.name}: disk {d.vdev} is the read-only template "
+                               f"{template}; boot a clone (gridvm clone {template} NAME)")
         hostinfo.check_memory(cfg.memory)
 
     async def _launch(self, rec: DomainRecord, *, paused: bool = False,

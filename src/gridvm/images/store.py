@@ -177,3 +177,21 @@ def get_image(images_dir: Path, name: str) -> ImageInfo:
     if not (d / MANIFEST).is_file():
         raise NotFound(f"no image named {name!r} in {images_dir}")
     return load_image(d)
+
+
+def template_of(images_dir: Path, path: str | Path) -> str | None:
+    """The name of the template image whose disk `path` is, if it is one."""
+    try:
+        target = Path(path).resolve()
+        root = images_dir.resolve()
+    except OSError:
+        return None
+    if target.parent.parent != root:
+        return None
+    try:
+        info = load_image(target.parent)
+    except GridvmError:
+        return None
+    if info.template and info.disk is not None and info.disk.resolve() == target:
+        return info.name
+    return None
