@@ -23,6 +23,10 @@ def guest_exec(
     """Run a command in a domain through its guest agent; prints its output, exits with its code."""
     from gridvm.cli.main import client
 
+    if command and command[0] == "--":   # `DOM -- CMD`: options end at DOM already
+        command = command[1:]
+    if not command:
+        raise typer.BadParameter("give the command to run after the domain")
     body: dict[str, object] = {"argv": command, "timeout": timeout}
     if stdin:
         body["input"] = base64.b64encode(sys.stdin.buffer.read()).decode()
