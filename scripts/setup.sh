@@ -13,6 +13,7 @@ APT_PACKAGES=(
   conntrackd                          # directors mirror their connections (lb/ctsync.py)
   haproxy                             # bench/services.py compares virtual services with it
   mmdebstrap fdisk grub-pc-bin       # image builds from recipes (gridvm image build debian)
+  qemu-guest-agent                    # tests drive the agent client against a host qemu-ga
   xorriso                             # cloud-init NoCloud seeds for clones (no mounts)
   python3-venv
 )
