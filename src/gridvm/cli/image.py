@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -127,3 +128,55 @@ def image_list(as_json: JsonOpt = False) -> None:
         else:
             flags = " template" if i.template else ""
             _print(f"{i.name}: {i.kind} {i.arch} {i.os!r}{flags} disk={i.disk}")
+
+
+@image_app.command("import")
+def image_import(
+    source: Annotated[Path, typer.Argument(help="a directory (an rsync of a system), a tarball "
+                                           "or a disk image (raw or qcow2)")],
+    name: str,
+    hostname: Annotated[str | None, typer.Option(help="the imported system's hostname")]
+    = None,
+    ip: Annotated[str | None, typer.Option(help="static ADDR/PREFIX (default DHCP)")] = None,
+    gateway: Annotated[str | None, typer.Option()] = None,
+    dns: Annotated[list[str] | None, typer.Option(help="name server (repeatable)")] = None,
+    mac: Annotated[str | None, typer.Option(
+        help="MAC for HWADDR in ifcfg-eth0 (default: a new one; gridvm-identity updates it "
+        "to the NIC's at every boot)")] = None,
+    size: Annotated[str | None, typer.Option(help="disk size, e.g. 8G (default: room for "
+                                             "the system and half as much again)")] = None,
+    fs: Annotated[str, typer.Option(help="auto (ext3 for Red Hat 5 era), ext3 or ext4")]
+    = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Import an installed system as an image: identity reset (as virt-sysprep), network
+    rewritten for its new identity, bootable disk (GRUB) and PV kernel."""
+    import ipaddress
+
+    from gridvm.config.macs import generate_mac
+    from gridvm.errors import ConfigError
+    from gridvm.provision.importer import import_system
+    from gridvm.provision.netconfig import NetIdentity
+
+    try:
+        address = ipaddress.IPv4Interface(ip) if ip else None
+        for a in [*([gateway] if gateway else []), *(dns or [])]:
+            ipaddress.IPv4Address(a)
+    except ValueError as exc:
+        raise ConfigError(f"invalid address: {exc}") from None
+    if hostname is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}", hostname):
+        raise ConfigError(f"invalid --hostname {hostname!r}")
+    if mac is not None and not re.fullmatch(r"([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}", mac):
+        raise ConfigError(f"invalid --mac {mac!r}")
+    ident = NetIdentity(hostname=hostname, mac=(mac or generate_mac()).lower(),
+                        address=address, gateway=gateway, dns=tuple(dns or []))
+    with progress_bar() as bar:
+        rp = RichProgress(bar, name)
+        img = import_system(_home().images, source.absolute(), name, ident, size=size,
+                            fs_type=fs, progress=rp)
+        rp.finish()
+    if as_json:
+        _emit({**img.to_json(), "mac": ident.mac})
+    else:
+        _print(f"{img.name}: {img.os} {img.arch}, disk {img.disk}, kernel {img.kernel_version}"
+               f"{'' if img.agent else ' (no qemu-guest-agent in it)'}; HWADDR {ident.mac}")

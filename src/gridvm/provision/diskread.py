@@ -9,6 +9,7 @@ e2fsprogs' `debugfs`, which opens a filesystem at a byte offset inside an image 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -23,6 +24,7 @@ from gridvm.provision.disk import SECTOR, DiskError
 EXT_MAGIC_OFFSET = 1024 + 56
 EXT_MAGIC = b"\x53\xef"
 MAX_LINKS = 16
+_LS_LINE = re.compile(r"^\s*\d+\s+(\d+)\s+\(\d+\)\s+\d+\s+\d+\s+\d+\s+\S+\s+\S+\s(.*)$")
 
 
 @dataclass(frozen=True)
@@ -237,6 +239,15 @@ class ExtReader:
             raise DiskError(f"{path}: larger than {limit >> 20} MiB")
         return data
 
+    def listdir(self, path: str) -> list[str]:
+        """Names in a directory (without . and ..)."""
+        real, kind = self.resolve(path)
+        if kind != "directory":
+            return []
+        out = self._debugfs(f'ls -l "{_quote(real)}"').decode(errors="replace")
+        names = [m.group(2) for m in map(_LS_LINE.match, out.splitlines()) if m]
+        return [n for n in names if n not in (".", "..")]
+
     def copy_out(self, path: str, dest: Path) -> None:
         """A regular file to `dest` on the host (symlinks followed)."""
         real, kind = self.resolve(path)
@@ -249,9 +260,49 @@ class ExtReader:
             raise DiskError(f"{path}: debugfs could not copy it out")
 
     def copy_tree(self, dest: Path) -> None:
-        """The whole filesystem into directory `dest` (owners and modes kept)."""
+        """The whole filesystem into directory `dest`, owners and modes kept.
+
+        debugfs's rdump sets each file's mode before its owner, so the kernel drops setuid,
+        setgid and sticky bits: one batched `ls -l` of every directory puts them back.
+        (Extended attributes such as file capabilities are not copied.)
+        """
         dest.mkdir(parents=True, exist_ok=True)
         self._debugfs(f'rdump / "{_quote(str(dest))}"')
+        dirs = ["/"]
+        for dirpath, dirnames, _ in os.walk(dest):
+            rel = "/" + str(Path(dirpath).relative_to(dest)).lstrip(".")
+            dirs += [f"{rel.rstrip('/')}/{d}" for d in dirnames
+                     if not (Path(dirpath) / d).is_symlink()]
+        script = dest.parent / f".{dest.name}.ls"
+        script.write_text("".join(f'ls -l "{d}"\n' for d in dirs
+                                  if '"' not in d and "\n" not in d))
+        try:
+            out = procs.run(["debugfs", "-f", str(script), self.device],
+                            timeout=600).stdout.decode(errors="replace")
+        finally:
+            script.unlink(missing_ok=True)
+        current = "/"
+        for line in out.splitlines():
+            if line.startswith("debugfs: ls -l "):
+                current = line[len("debugfs: ls -l "):].strip().strip('"')
+                continue
+            m = _LS_LINE.match(line)
+            if not m:
+                continue
+            mode, name = int(m.group(1), 8), m.group(2)
+            if mode & 0o7000 and name not in (".", ".."):
+                target = dest / current.lstrip("/") / name
+                if not target.is_symlink() and target.exists():
+                    os.chmod(target, mode & 0o7777)
+        root_mode = int(self._stat_mode("/"), 8)
+        if root_mode & 0o7000:
+            os.chmod(dest, root_mode & 0o7777)
+
+    def _stat_mode(self, path: str) -> str:
+        text = procs.run(["debugfs", "-R", f'stat "{_quote(path)}"', self.device],
+                         timeout=60).stdout.decode(errors="replace")
+        m = re.search(r"Mode:\s+(\d+)", text)
+        return m.group(1) if m else "0"
 
 
 def _quote(path: str) -> str:

@@ -46,7 +46,8 @@ def uses_systemd(tree: Tree) -> bool:
             return True
     except (OSError, ValueError):
         pass
-    return tree.is_dir("/lib/systemd/system") or tree.is_dir("/usr/lib/systemd/system")
+    return any(tree.exists(p) for p in ("/lib/systemd/systemd", "/usr/lib/systemd/systemd",
+                                        "/lib/systemd/system", "/usr/lib/systemd/system"))
 
 
 def install(tree: Tree, *, grub_hooks: bool = True) -> None:
