@@ -29,6 +29,9 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# Who may use gridvm: root and members of the gridvm group (the API socket is 0660 root:gridvm).
+getent group gridvm >/dev/null || groupadd --system gridvm
+
 PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gridvm.api.client import Client
+from gridvm.api.client import Client, q
 from gridvm.config.xmfile import load_config
 from gridvm.errors import GridvmError
 from gridvm.host import httpprobe, netns
@@ -99,7 +99,7 @@ def _wait(what: str, fn: Callable[[], bool], timeout: float) -> None:
 def _console(client: Client, name: str) -> str:
     """The last lines of a domain's console (for an error message)."""
     try:
-        return str(client.get(f"/domains/{name}/dmesg", params={"lines": 15})["text"])
+        return str(client.get(f"/domains/{q(name)}/dmesg", params={"lines": 15})["text"])
     except (GridvmError, OSError) as exc:
         return f"(not readable: {exc})"
 

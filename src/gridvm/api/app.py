@@ -9,9 +9,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, ValidationError
+from starlette.exceptions import HTTPException
 
+from gridvm.api.limits import BodyLimit
 from gridvm.api.routes_cluster import ClusterRouter, cluster_routes
 from gridvm.api.routes_guest import guest_routes
 from gridvm.api.routes_migration import migration_routes, migration_service
@@ -19,13 +22,34 @@ from gridvm.api.routes_network import network_router
 from gridvm.api.routes_resources import resource_routes
 from gridvm.api.routes_stats import stats_routes
 from gridvm.cluster.node import ClusterNode
-from gridvm.config.model import DomainConfig
+from gridvm.config.model import DomainConfig, Path_
 from gridvm.errors import ConfigError, Conflict, GridvmError, NotFound, QemuError, ResourceError
 from gridvm.host.manager import HostManager
 
 log = logging.getLogger("gridvm.api")
 
 STATUS = {NotFound: 404, Conflict: 409, ConfigError: 422, ResourceError: 507, QemuError: 502}
+RESTORE_READ_S = 30.0   # reading a save file's header (a hung NFS mount must not hang us)
+
+
+class ErrorBody(BaseModel):
+    """Every error gridvmd answers: one line for the user, and the error's kind."""
+
+    error: str
+    type: str
+
+
+# Status codes any route may answer, documented once for the whole API (OpenAPI).
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "the request cannot be carried out"},
+    403: {"model": ErrorBody, "description": "refused (not allowed over this listener)"},
+    404: {"model": ErrorBody, "description": "no such domain, network, host or job"},
+    409: {"model": ErrorBody, "description": "conflicts with the current state"},
+    413: {"model": ErrorBody, "description": "request body too large"},
+    422: {"model": ErrorBody, "description": "invalid input (config, name, path, value)"},
+    502: {"model": ErrorBody, "description": "QEMU failed or answered with an error"},
+    507: {"model": ErrorBody, "description": "the host lacks the resources asked for"},
+}
 
 
 def status_for(exc: GridvmError) -> int:
@@ -56,12 +80,24 @@ class StartRequest(BaseModel):
 
 
 class RenameRequest(BaseModel):
-    name: str
+    name: str = Field(max_length=63)
 
 
 class FileRequest(BaseModel):
-    file: str
+    file: Path_ = Field(description="absolute path on the daemon's host")
     paused: bool = False
+
+
+def request_problem(errors: Any) -> str:
+    """Pydantic's list of errors → one line naming the first one's place."""
+    err = errors[0] if errors else {}
+    loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]
+    msg = str(err.get("msg", "invalid request")).removeprefix("Value error, ")
+    return f"invalid {'.'.join(loc) or 'request'}: {msg}"
+
+
+def _validation_message(exc: ValidationError) -> str:
+    return request_problem(exc.errors())
 
 
 def _tail(path: Path, lines: int) -> str:
@@ -89,8 +125,9 @@ def make_app(manager: HostManager) -> FastAPI:
 
     node = ClusterNode(manager)
     migrations = migration_service(manager)
-    app = FastAPI(title="gridvmd", lifespan=lifespan)
+    app = FastAPI(title="gridvmd", lifespan=lifespan, responses=ERROR_RESPONSES)
     app.add_middleware(ClusterRouter, node=node)
+    app.add_middleware(BodyLimit)           # outermost: before any handler reads a body
     app.include_router(cluster_routes(node))
     m = manager
     app.include_router(resource_routes(m))
@@ -102,6 +139,21 @@ def make_app(manager: HostManager) -> FastAPI:
     async def _gridvm_error(_: Request, exc: GridvmError) -> JSONResponse:
         return JSONResponse({"error": str(exc), "type": type(exc).__name__},
                             status_code=status_for(exc))
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(exc.detail), "type": "GridvmError"},
+                            status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"error": request_problem(exc.errors()), "type": "ConfigError"},
+                            status_code=422)
+
+    @app.exception_handler(ValidationError)
+    async def _invalid(_: Request, exc: ValidationError) -> JSONResponse:
+        return JSONResponse({"error": _validation_message(exc), "type": "ConfigError"},
+                            status_code=422)
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, exc: Exception) -> JSONResponse:
@@ -174,7 +226,8 @@ def make_app(manager: HostManager) -> FastAPI:
 
     @app.post("/v1/restore")
     async def restore(req: FileRequest) -> dict[str, Any]:
-        return m.view(await m.restore(Path(req.file), paused=req.paused))
+        return m.view(await m.restore(Path(req.file), paused=req.paused,
+                                      read_timeout=RESTORE_READ_S))
 
     @app.get("/v1/domains/{ref}/console")
     async def console(ref: str) -> dict[str, Any]:

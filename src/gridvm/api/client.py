@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import urllib.parse
 from typing import Any
 
 import httpx
@@ -19,6 +20,15 @@ class DaemonNotRunning(GridvmError):
     """No gridvmd answers on the home's socket."""
 
 
+def q(ref: object) -> str:
+    """One path segment naming an object (domain, network, host…), URL-quoted. A reference
+    can never reach another resource: '/', '.', '..' and empty names are refused."""
+    text = str(ref)
+    if not text or text in (".", "..") or "/" in text or "\0" in text:
+        raise ConfigError(f"invalid name {text!r}")
+    return urllib.parse.quote(text, safe="")
+
+
 class Client:
     def __init__(self, home: Home, timeout: float = 120,
                  headers: dict[str, str] | None = None) -> None:
@@ -34,6 +44,8 @@ class Client:
         kwargs: dict[str, Any] = {"json": json, "params": params}
         if timeout is not None:
             kwargs["timeout"] = timeout
+        if any(part in (".", "..") for part in path.split("?")[0].split("/")):
+            raise ConfigError(f"invalid request path {path!r}")
         try:
             resp = self._http.request(method, f"/v1{path}", **kwargs)
         except (httpx.ConnectError, FileNotFoundError) as exc:
@@ -43,6 +55,12 @@ class Client:
             ) from exc
         except httpx.TimeoutException as exc:
             raise GridvmError(f"gridvmd did not answer {method} {path} in time") from exc
+        except PermissionError as exc:
+            raise GridvmError(f"permission denied on {self.home.api_socket}: using gridvm "
+                              "takes root or membership of the 'gridvm' group") from exc
+        except (httpx.TransportError, OSError) as exc:
+            raise DaemonNotRunning(f"gridvmd went away during {method} {path} "
+                                   f"({type(exc).__name__}); see gridvm log") from exc
         if resp.status_code >= 400:
             try:
                 body = resp.json()

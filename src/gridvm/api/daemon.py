@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import fcntl
 import logging
 import os
 import signal
 import socket
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import uvicorn
@@ -56,6 +58,21 @@ def _logging(home: Home, verbose: bool) -> None:
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
 
 
+class _Server(uvicorn.Server):
+    """uvicorn re-raises SIGTERM/SIGINT once it has shut down, which kills the process before
+    `serve` can close the store and remove the socket: catch them and return instead."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        handled = (signal.SIGINT, signal.SIGTERM)
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+
 async def serve(home: Home, accel: str, sockets: list[socket.socket],
                 guard: tuple[str, Allowlist] | None = None) -> None:
     """Serve the API on `sockets` (Unix, and TCP with `guard` = (token, allowlist))."""
@@ -72,7 +89,7 @@ async def serve(home: Home, accel: str, sockets: list[socket.socket],
     asgi: Any = RelocationGuard(app, *guard) if guard else app
     config = uvicorn.Config(asgi, uds=str(sock), log_level="warning",
                             lifespan="on", timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
+    server = _Server(config)
     try:
         await server.serve(sockets=sockets)
     finally:
@@ -102,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
             # Before any thread exists, so the whole daemon and its QEMUs live there.
             pyroute2_netns.setns(args.netns, flags=0)
         home.ensure()
+        home.secure()
         lock = _lock(home)
         allow = Allowlist(args.relocation_hosts_allow)
         sockets = bind_sockets(home, args.listen)          # checks --listen

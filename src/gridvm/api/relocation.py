@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-import json
 import os
 import re
 import secrets
 import socket
-from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from gridvm.api.client import ERRORS
+from gridvm.api.limits import Asgi, Receive, Scope, Send, reply_error
 from gridvm.errors import ConfigError, GridvmError
 from gridvm.host.migration import (
     RELOCATION_PORT,
@@ -31,17 +30,12 @@ from gridvm.host.migration import (
     PrepareAnswer,
     PrepareRequest,
 )
-from gridvm.paths import Home
+from gridvm.paths import Home, restrict
 
 TOKEN_ENV = "GRIDVM_TOKEN"
 TOKEN_FILE = "relocation.token"
 PREFIX = "/v1/relocation/"
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-Asgi = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 def token_path(home: Home) -> Path:
@@ -99,8 +93,12 @@ def bind_sockets(home: Home, listen: str | None) -> list[socket.socket]:
     path = home.api_socket
     path.unlink(missing_ok=True)
     unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    unix.bind(str(path))
-    os.chmod(path, 0o666)        # as uvicorn does for uds=
+    old = os.umask(0o177)        # no moment where others could connect
+    try:
+        unix.bind(str(path))
+    finally:
+        os.umask(old)
+    restrict(path, 0o660)        # root and the gridvm group only
     unix.listen(128)
     sockets = [unix]
     if where:
@@ -164,7 +162,8 @@ class RelocationGuard:
             problem = self._problem(scope)
             if problem is not None:
                 status, message = problem
-                await _reply(send, status, message)
+                await reply_error(send, status, message,
+                                  "Conflict" if status == 409 else "GridvmError")
                 return
         await self.app(scope, receive, send)
 
@@ -179,15 +178,6 @@ class RelocationGuard:
         if not hmac.compare_digest(given, self.token):
             return 401, "wrong or missing relocation token"
         return None
-
-
-async def _reply(send: Send, status: int, message: str) -> None:
-    body = json.dumps({"error": message, "type": "Conflict" if status == 409
-                       else "GridvmError"}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
 
 
 def _refused(exc: BaseException) -> bool:

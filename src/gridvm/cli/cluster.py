@@ -7,6 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
+from gridvm.api.client import q
+
 cluster_app = typer.Typer(no_args_is_help=True, help="Join hosts into an etcd-backed cluster.")
 host_app = typer.Typer(no_args_is_help=True, help="The cluster's hosts.")
 
@@ -116,7 +118,7 @@ def maintenance(host: str, mode: Annotated[str, typer.Argument(metavar="on|off")
 
     if mode not in ("on", "off"):
         raise ConfigError(f"maintenance mode must be on or off, not {mode!r}")
-    client().post(f"/cluster/hosts/{host}/maintenance", {"on": mode == "on"})
+    client().post(f"/cluster/hosts/{q(host)}/maintenance", {"on": mode == "on"})
     _print(f"{host}: maintenance {mode}")
 
 
@@ -127,7 +129,7 @@ def remove(host: str, as_json: JsonOpt = False) -> None:
     first. A removed host that comes back joins again, empty."""
     from gridvm.cli.main import client, emit_json
 
-    res = client().delete(f"/cluster/hosts/{host}")
+    res = client().delete(f"/cluster/hosts/{q(host)}")
     if as_json:
         emit_json(res)
         return
@@ -147,15 +149,15 @@ def evacuate(
     import time
     from pathlib import Path
 
-    from gridvm.api.client import Client
+    from gridvm.api.client import Client, q
     from gridvm.cli.main import client, emit_json
     from gridvm.cli.migrate import _follow, summary
     from gridvm.errors import GridvmError
     from gridvm.paths import Home
 
     c = client(60)
-    plan = c.get(f"/cluster/hosts/{host}/evacuation")     # refuses before anything moves
-    c.post(f"/cluster/hosts/{host}/maintenance", {"on": True})  # no new domains meanwhile
+    plan = c.get(f"/cluster/hosts/{q(host)}/evacuation")     # refuses before anything moves
+    c.post(f"/cluster/hosts/{q(host)}/maintenance", {"on": True})  # no new domains meanwhile
     moves = plan["moves"]
     source = Client(Home(Path(str(plan["api"])).parent), timeout=60)
     moved: list[dict[str, Any]] = []
@@ -163,7 +165,7 @@ def evacuate(
         for i, step in enumerate(moves, 1):
             if not as_json:
                 _print(f"[{i}/{len(moves)}] {step['domain']}: {host} -> {step['to']} …")
-            job = c.post(f"/domains/{step['uuid']}/migrate", {
+            job = c.post(f"/domains/{q(step['uuid'])}/migrate", {
                 "target": step["target"], "live": True, "timeout": timeout})
             job = _follow(source, job, show=not as_json)
             if job["phase"] != "completed":
@@ -184,7 +186,7 @@ def evacuate(
     gone = {m["uuid"] for m in moved}
     deadline = time.monotonic() + 15      # destinations claim the registry as they arrive
     while True:
-        left = c.get(f"/cluster/hosts/{host}/evacuation")
+        left = c.get(f"/cluster/hosts/{q(host)}/evacuation")
         if not gone & {m["uuid"] for m in left["moves"]} or time.monotonic() > deadline:
             break
         time.sleep(0.2)

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from gridvm.api.client import Client
+from gridvm.api.client import Client, q
 from gridvm.cli.clone import register as register_clone_verbs
 from gridvm.cli.cluster import cluster_app, host_app
 from gridvm.cli.guest import register as register_guest_verbs
@@ -137,7 +137,7 @@ def start(
     console_: Annotated[bool, typer.Option("-c")] = False,
 ) -> None:
     """Start a defined (managed) domain."""
-    view = client().post(f"/domains/{dom}/start", {"paused": paused})
+    view = client().post(f"/domains/{q(dom)}/start", {"paused": paused})
     out.print(f"Started domain {view['name']} (id={view['domid']})", highlight=False)
     if console_:
         attach_console(dom)
@@ -149,8 +149,8 @@ def delete(dom: str, purge: Annotated[bool, typer.Option(
         = False) -> None:
     """Remove a defined domain that is not running."""
     c = client()
-    view = c.get(f"/domains/{dom}") if purge else None
-    c.delete(f"/domains/{dom}")
+    view = c.get(f"/domains/{q(dom)}") if purge else None
+    c.delete(f"/domains/{q(dom)}")
     if view is not None:
         home = State.home
         owned = [Path(d["target"]) for d in view["config"]["disks"]]
@@ -173,44 +173,44 @@ def shutdown(dom: str, wait: Wait = False, timeout: Timeout = 120,
     """Ask a domain to power off (ACPI power button; the guest agent if ACPI is ignored)."""
     if agent not in ("fallback", "only", "never"):
         raise ConfigError(f"--agent {agent!r}: expected fallback, only or never")
-    client(timeout + 10).post(f"/domains/{dom}/shutdown",
+    client(timeout + 10).post(f"/domains/{q(dom)}/shutdown",
                               {"wait": wait, "timeout": timeout, "agent": agent})
 
 
 @app.command()
 def reboot(dom: str, wait: Wait = False, timeout: Timeout = 120) -> None:
     """Ask a domain to reboot."""
-    client(timeout + 10).post(f"/domains/{dom}/reboot", {"wait": wait, "timeout": timeout})
+    client(timeout + 10).post(f"/domains/{q(dom)}/reboot", {"wait": wait, "timeout": timeout})
 
 
 @app.command()
 def destroy(dom: str) -> None:
     """Stop a domain at once (pull the plug)."""
-    client().post(f"/domains/{dom}/destroy")
+    client().post(f"/domains/{q(dom)}/destroy")
 
 
 @app.command()
 def pause(dom: str) -> None:
     """Pause a domain."""
-    client().post(f"/domains/{dom}/pause")
+    client().post(f"/domains/{q(dom)}/pause")
 
 
 @app.command()
 def unpause(dom: str) -> None:
     """Resume a paused domain."""
-    client().post(f"/domains/{dom}/unpause")
+    client().post(f"/domains/{q(dom)}/unpause")
 
 
 @app.command()
 def rename(dom: str, new_name: str) -> None:
     """Rename a domain."""
-    client().post(f"/domains/{dom}/rename", {"name": new_name})
+    client().post(f"/domains/{q(dom)}/rename", {"name": new_name})
 
 
 @app.command()
 def save(dom: str, file: Path) -> None:
     """Save a domain's memory and config to FILE and stop it."""
-    client(900).post(f"/domains/{dom}/save", {"file": str(file.absolute())})
+    client(900).post(f"/domains/{q(dom)}/save", {"file": str(file.absolute())})
 
 
 @app.command()
@@ -232,7 +232,7 @@ def console(dom: str) -> None:
 def attach_console(dom: str) -> None:
     from gridvm.cli.console import attach
 
-    info = client().get(f"/domains/{dom}/console")
+    info = client().get(f"/domains/{q(dom)}/console")
     attach(Path(info["socket"]))
 
 
@@ -250,7 +250,7 @@ def list_(
 ) -> None:
     """List domains (xm's columns: Name ID Mem VCPUs State Time(s))."""
     c = client()
-    views = [c.get(f"/domains/{d}") for d in doms] if doms else c.get("/domains")
+    views = [c.get(f"/domains/{q(d)}") for d in doms] if doms else c.get("/domains")
     if as_json or long:
         emit_json(views)
         return
@@ -290,7 +290,7 @@ def uptime(doms: Annotated[list[str] | None, typer.Argument()] = None,
            as_json: JsonOpt = False) -> None:
     """Uptime of running domains."""
     c = client()
-    views = [c.get(f"/domains/{d}") for d in doms] if doms else c.get("/domains")
+    views = [c.get(f"/domains/{q(d)}") for d in doms] if doms else c.get("/domains")
     rows = [{"name": v["name"], "domid": v["domid"], "uptime": v["uptime"]}
             for v in views if v["uptime"] is not None]
     if as_json:
@@ -312,7 +312,7 @@ def _hms(seconds: float) -> str:
 @app.command()
 def domid(name: str) -> None:
     """Print a domain's domid."""
-    v = client().get(f"/domains/{name}")
+    v = client().get(f"/domains/{q(name)}")
     if v["domid"] is None:
         raise GridvmError(f"domain {v['name']} is not running")
     out.print(v["domid"])
@@ -321,13 +321,14 @@ def domid(name: str) -> None:
 @app.command()
 def domname(dom_id: str) -> None:
     """Print the name of a domid."""
-    out.print(client().get(f"/domains/{dom_id}")["name"], highlight=False)
+    out.print(client().get(f"/domains/{q(dom_id)}")["name"], highlight=False)
 
 
 @app.command()
 def dmesg(dom: str, lines: Annotated[int, typer.Option("-n")] = 200) -> None:
     """A domain's console output (kernel messages)."""
-    sys.stdout.write(client().get(f"/domains/{dom}/dmesg", params={"lines": lines})["text"] + "\n")
+    text = client().get(f"/domains/{q(dom)}/dmesg", params={"lines": lines})["text"]
+    sys.stdout.write(text + "\n")
 
 
 @app.command()

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
-from gridvm.api.client import Client
+from gridvm.api.client import Client, q
 from gridvm.errors import ConfigError, GridvmError
 from gridvm.host.migration import RELOCATION_PORT
 
@@ -25,7 +25,7 @@ def resolve_target(host: str) -> str:
         return text if "]:" in text else f"{text}:{RELOCATION_PORT}"
     if text.count(":") == 1:                    # NAME:PORT or V4:PORT
         name, port = text.split(":")
-        if not name or not port.isdigit() or not 1 <= int(port) <= 65535:
+        if not name or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
             raise ConfigError(f"invalid destination {host!r}: use HOST, LAB/HOST or ADDR[:PORT]")
         return text
     try:
@@ -84,13 +84,13 @@ def _follow(c: Client, job: dict[str, Any], show: bool) -> dict[str, Any]:
         while job["finished"] is None:
             try:
                 time.sleep(POLL_S)
-                job = c.get(f"/migrations/{mid}")
+                job = c.get(f"/migrations/{q(mid)}")
             except KeyboardInterrupt:
                 if cancelled:
                     raise
                 cancelled = True
                 err.print("cancelling the migration (Ctrl-C again to stop waiting)")
-                c.post(f"/domains/{job['uuid']}/migrate/cancel")
+                c.post(f"/domains/{q(job['uuid'])}/migrate/cancel")
                 continue
             _show(bar, task, job)
     return job
@@ -138,7 +138,7 @@ def migrate(
     if cancel:
         if host is not None:
             raise ConfigError("migrate --cancel takes only the domain")
-        job = _follow(c, c.post(f"/domains/{dom}/migrate/cancel"), show=False)
+        job = _follow(c, c.post(f"/domains/{q(dom)}/migrate/cancel"), show=False)
         if as_json:
             emit_json(job)
         elif job["phase"] == "completed":
@@ -151,7 +151,7 @@ def migrate(
     if host is None:
         raise ConfigError("migrate: say where to: a lab host (h2) or ADDR[:PORT]")
     target = resolve_target(host)
-    job = c.post(f"/domains/{dom}/migrate", {
+    job = c.post(f"/domains/{q(dom)}/migrate", {
         "target": target, "live": live, "downtime_ms": downtime_ms, "bandwidth": bandwidth,
         "auto_converge": auto_converge, "copy_storage": copy_storage, "timeout": timeout})
     job = _follow(c, job, show=not as_json)

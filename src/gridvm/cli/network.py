@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
+from gridvm.api.client import q
 from gridvm.errors import ConfigError
 
 network_app = typer.Typer(no_args_is_help=True, help="Bridged and NAT networks.")
@@ -39,7 +40,8 @@ def parse_host_port(text: str) -> tuple[int, str]:
     """`8080` or `8080/udp` → (8080, "udp")."""
     port, _, proto = text.partition("/")
     proto = proto or "tcp"
-    if not port.isdigit() or not 1 <= int(port) <= 65535 or proto not in ("tcp", "udp"):
+    if (not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535
+            or proto not in ("tcp", "udp")):
         raise ConfigError(f"bad host port {text!r}: use PORT or PORT/tcp or PORT/udp")
     return int(port), proto
 
@@ -47,7 +49,7 @@ def parse_host_port(text: str) -> tuple[int, str]:
 def parse_target(text: str) -> tuple[str, int]:
     """`DOM:PORT` → (DOM, PORT)."""
     dom, sep, port = text.rpartition(":")
-    if not sep or not dom or not port.isdigit() or not 1 <= int(port) <= 65535:
+    if not sep or not dom or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
         raise ConfigError(f"bad forward target {text!r}: use DOMAIN:PORT, e.g. web1:80")
     return dom, int(port)
 
@@ -92,7 +94,7 @@ def list_(as_json: JsonOpt = False) -> None:
 @network_app.command("show")
 def show(name: str, as_json: JsonOpt = False) -> None:
     """Show a network: addresses, DHCP hosts and leases, forwards, attached domains."""
-    v = _call("GET", f"/networks/{name}")
+    v = _call("GET", f"/networks/{q(name)}")
     if as_json:
         _emit(v)
         return
@@ -114,7 +116,7 @@ def show(name: str, as_json: JsonOpt = False) -> None:
 @network_app.command("delete")
 def delete(name: str) -> None:
     """Delete a network (refused while running domains are attached)."""
-    _call("DELETE", f"/networks/{name}")
+    _call("DELETE", f"/networks/{q(name)}")
     _print(f"Deleted network {name}")
 
 
@@ -127,7 +129,7 @@ def forward(
     """Forward a host port to a domain on a NAT network."""
     port, proto = parse_host_port(host_port)
     dom, dport = parse_target(target)
-    _call("POST", f"/networks/{name}/forwards",
+    _call("POST", f"/networks/{q(name)}/forwards",
           {"proto": proto, "host_port": port, "domain": dom, "port": dport})
     _print(f"Forwarding {port}/{proto} to {dom}:{dport} on network {name}")
 
@@ -139,5 +141,5 @@ def unforward(
 ) -> None:
     """Remove a port forward."""
     port, proto = parse_host_port(host_port)
-    _call("DELETE", f"/networks/{name}/forwards/{proto}/{port}")
+    _call("DELETE", f"/networks/{q(name)}/forwards/{q(proto)}/{q(port)}")
     _print(f"Removed forward {port}/{proto} from network {name}")

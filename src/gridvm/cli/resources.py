@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from gridvm.api.client import Client
+from gridvm.api.client import Client, q
 from gridvm.config.xmfile import parse_bytes
 from gridvm.errors import ConfigError
 
@@ -40,11 +40,11 @@ def sched_credit(
     if weight is not None or cap is not None:
         if dom is None:
             raise ConfigError("sched-credit: -d DOMAIN is needed to change weight or cap")
-        rows = [c.post(f"/domains/{dom}/sched-credit", {"weight": weight, "cap": cap})]
+        rows = [c.post(f"/domains/{q(dom)}/sched-credit", {"weight": weight, "cap": cap})]
     else:
         rows = c.get("/sched-credit")
         if dom is not None:
-            view = c.get(f"/domains/{dom}")
+            view = c.get(f"/domains/{q(dom)}")
             rows = [r for r in rows if r["name"] == view["name"]]
     if as_json:
         _emit(rows)
@@ -60,7 +60,7 @@ def sched_credit(
 
 def vcpu_pin(dom: str, vcpu: str, cpus: str) -> None:
     """Pin a vCPU (or 'all') to host CPUs, in Xen's cpu list syntax (e.g. 0-3,^1)."""
-    _client().post(f"/domains/{dom}/vcpu-pin", {"vcpu": vcpu, "cpus": cpus})
+    _client().post(f"/domains/{q(dom)}/vcpu-pin", {"vcpu": vcpu, "cpus": cpus})
 
 
 def vcpu_list(
@@ -82,12 +82,12 @@ def vcpu_list(
 
 def mem_set(dom: str, mb: int) -> None:
     """Set a running domain's memory (MiB) through the balloon."""
-    _client().post(f"/domains/{dom}/mem-set", {"mb": mb})
+    _client().post(f"/domains/{q(dom)}/mem-set", {"mb": mb})
 
 
 def mem_max(dom: str, mb: int) -> None:
     """Set a domain's maximum memory (MiB) for its next start."""
-    _client().post(f"/domains/{dom}/mem-max", {"mb": mb})
+    _client().post(f"/domains/{q(dom)}/mem-max", {"mb": mb})
 
 
 def _size(value: str | None, what: str) -> int | None:
@@ -115,12 +115,12 @@ def block_throttle(
     body = {"bps": _size(bps, "--bps"), "bps_rd": _size(bps_rd, "--bps-rd"),
             "bps_wr": _size(bps_wr, "--bps-wr"), "iops": iops, "iops_rd": iops_rd,
             "iops_wr": iops_wr}
-    _client().post(f"/domains/{dom}/block-throttle/{dev}", body)
+    _client().post(f"/domains/{q(dom)}/block-throttle/{q(dev)}", body)
 
 
 def network_rate(dom: str, vif: str, rate: str) -> None:
     """Shape a vif (index or MAC) to RATE in xm syntax (10Mb/s, 1MB/s@20ms; 'none' removes)."""
-    _client().post(f"/domains/{dom}/network-rate/{vif}",
+    _client().post(f"/domains/{q(dom)}/network-rate/{q(vif)}",
                    {"rate": None if rate in ("none", "0") else rate})
 
 

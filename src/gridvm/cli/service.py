@@ -7,6 +7,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
+from gridvm.api.client import q
 from gridvm.cli.network import _call, _emit, _print
 from gridvm.errors import ConfigError
 from gridvm.lb.model import (
@@ -103,7 +104,7 @@ def _print_service(v: dict[str, Any]) -> None:
 @service_app.command("show")
 def show(name: str, as_json: JsonOpt = False) -> None:
     """A service's backends: state, weight, checks and connection counts."""
-    v = _call("GET", f"/services/{name}")
+    v = _call("GET", f"/services/{q(name)}")
     if as_json:
         _emit(v)
     else:
@@ -113,14 +114,14 @@ def show(name: str, as_json: JsonOpt = False) -> None:
 @service_app.command("delete")
 def delete(name: str) -> None:
     """Delete a virtual service (its rules, map and VIP go with it)."""
-    _call("DELETE", f"/services/{name}")
+    _call("DELETE", f"/services/{q(name)}")
     _print(f"Deleted service {name}")
 
 
 @service_app.command("set-weight")
 def set_weight(name: str, domain: str, weight: int) -> None:
     """Change a backend's weight (0: no new connections)."""
-    _call("POST", f"/services/{name}/weight", {"domain": domain, "weight": weight})
+    _call("POST", f"/services/{q(name)}/weight", {"domain": domain, "weight": weight})
     _print(f"{name}: {domain} weight {weight}")
 
 
@@ -131,5 +132,5 @@ def drain(
     undo: Annotated[bool, typer.Option("--undo", help="take it back into rotation")] = False,
 ) -> None:
     """No new connections to a backend; open ones finish (conntrack keeps them)."""
-    _call("POST", f"/services/{name}/drain", {"domain": domain, "undo": undo})
+    _call("POST", f"/services/{q(name)}/drain", {"domain": domain, "undo": undo})
     _print(f"{name}: {domain} " + ("back in rotation" if undo else "draining"))

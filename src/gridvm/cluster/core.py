@@ -285,6 +285,14 @@ class Cluster:
         return self.etcd.txn([Compare(key, "MOD", expect_rev)],
                              [put_op(key, _dumps({**kv.json(), **update}))])
 
+    def put_domain(self, uuid: str, record: dict[str, Any]) -> None:
+        """Write a whole registry record."""
+        self.etcd.put_json(self.key("domains", uuid), record)
+
+    def mark_fenced(self, host: str, *, by: str) -> None:
+        """Record that `host` was declared dead and fenced (by the HA manager on `by`)."""
+        self.etcd.put_json(self.key("fenced", host), {"at": time.time(), "by": by})
+
     def domain_kv(self, uuid: str) -> tuple[dict[str, Any], int] | None:
         kv = self.etcd.get(self.key("domains", uuid))
         return (kv.json(), kv.mod_revision) if kv else None

@@ -1,10 +1,13 @@
 """The HA manager: runs on the elected host only (etcd election `gridvm/election/ha`).
 
-Each round (every 0.5 s, and at once when this host is elected) it:
+It sees the world only through a `HaEnv` (cluster/ha_env.py), so the same policy runs for
+real and under the HA simulator (cluster/hasim.py). Each round (every 0.5 s, and at once
+when this host is elected) it:
 1. notices joined hosts whose lease has expired (`alive/<h>` gone). The host's watchdog
    killed its HA domains before the lease could expire; the manager still waits `margin`
    seconds after the expiry was first seen (so at least TTL + margin after the host's last
-   heartbeat), runs the fence command if one is configured, and marks the host fenced.
+   heartbeat), runs the fence action, and marks the host fenced. If fencing fails the
+   host stays down, its domains are not restarted, and fencing is tried again each round.
    Every host, elected or not, keeps noting when it first saw each host down (`observe`),
    so a newly elected manager counts the margin from then, not from its own first round;
 2. restarts the HA domains of fenced hosts, and HA domains marked lost (stopped
@@ -13,53 +16,74 @@ Each round (every 0.5 s, and at once when this host is elected) it:
    a time in that order; the launches of one priority level then run side by side (a
    level starts once the one above it has been launched). A domain that stopped
    unexpectedly 3 times within 5 minutes is given up (`ha-failed`: the restart-loop guard;
-   host failures do not count); a `best-effort` domain gets one try when no host has room.
+   host failures do not count, including domains lost with reason `fenced`, which a host
+   that lost its lease reports when it is back); a `best-effort` domain gets one try when
+   no host has room.
+   A launch that fails puts the domain back to `lost`; for `AVOID_S` its retries prefer
+   the other hosts (the one it failed on is used only if nothing else fits).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import shlex
-import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from itertools import groupby
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from gridvm.cluster.core import Cluster
-from gridvm.cluster.placement import ACTIVE, Demand, NoHostFits, loads_from, place_ha
+from gridvm.cluster.ha_env import FenceFailed, HaEnv
+from gridvm.cluster.placement import (
+    ACTIVE,
+    DEFAULT_CPU_RATIO,
+    Demand,
+    HostLoad,
+    NoHostFits,
+    loads_from,
+    place_ha,
+)
 from gridvm.config.model import DomainConfig
 from gridvm.errors import GridvmError
-from gridvm.host import procs
-
-if TYPE_CHECKING:
-    from gridvm.cluster.node import ClusterNode
-
-log = logging.getLogger("gridvm.ha")
 
 ROUND_S = 0.5
 LOOP_LIMIT = 3
 LOOP_WINDOW_S = 300.0
 OBSERVE_GAP_S = 2.0   # sightings older than a gap this long in observing are forgotten
+AVOID_S = 60.0        # a domain's restarts avoid a host where its launch failed this long
+
+
+@dataclass(frozen=True)
+class HaSettings:
+    """The manager's knobs (from the host's ClusterConfig)."""
+
+    margin: float = 1.0
+    cpu_ratio: float = DEFAULT_CPU_RATIO
 
 
 class HaManager:
-    def __init__(self, node: ClusterNode) -> None:
-        self.node = node
+    """The HA policy of one host: `tick()` every ROUND_S (a round if elected)."""
+
+    def __init__(self, env: HaEnv, settings: HaSettings | None = None) -> None:
+        self.env = env
+        self.settings = settings or HaSettings()
         self.dead_since: dict[str, float] = {}
         self.observed_at = 0.0
-        self.unplaced: set[str] = set()
+        self.unplaced: set[str] = set()          # "cannot restart yet" already said
+        self.fence_failing: set[str] = set()     # "fencing failed" already said
+        self.failed_on: dict[str, dict[str, float]] = {}  # uuid -> host -> launch failed at
 
-    @property
-    def cluster(self) -> Cluster:
-        assert self.node.cluster is not None
-        return self.node.cluster
+    def tick(self) -> None:
+        """A round if this host leads the HA election, else only `observe` (blocking)."""
+        if self.env.is_leader():
+            self.round()
+        else:
+            self.observe()
 
     def observe(self, states: dict[str, str] | None = None) -> dict[str, str]:
         """Note when each host was first seen down (blocking); the host states."""
         if states is None:
-            states = self.cluster.host_states()
-        now = time.monotonic()
+            states = self.env.host_states()
+        now = self.env.monotonic()
         if now - self.observed_at > OBSERVE_GAP_S:   # not watching all along: start afresh
             self.dead_since.clear()
         self.observed_at = now
@@ -71,100 +95,107 @@ class HaManager:
         return states
 
     def round(self) -> None:
-        """One pass (blocking: run it in a thread)."""
-        cfg = self.node.cfg
-        assert cfg is not None
+        """One pass (blocking)."""
+        env = self.env
         states = self.observe()
-        now = time.monotonic()
+        now = env.monotonic()
+        self.fence_failing &= {h for h, s in states.items() if s == "down"}
         for host, state in states.items():
-            if state == "down" and now - self.dead_since[host] >= cfg.margin:
-                self._fence(host)
+            if state == "down" and now - self.dead_since[host] >= self.settings.margin \
+                    and self._fence(host):
                 states[host] = "fenced"
-        registry = self.cluster.domains()
+        registry = env.domains()
         fenced = {h for h, s in states.items() if s == "fenced"}
         todo = [g for g in registry.values() if g.get("ha", "off") != "off" and (
             (g.get("host") in fenced and g.get("state") in ACTIVE) or g.get("state") == "lost")]
+        self.failed_on = {u: fails for u, hs in self.failed_on.items()
+                          if (fails := {h: t for h, t in hs.items() if now - t < AVOID_S})}
         if not todo:
             return
         todo.sort(key=lambda g: (-int(g.get("priority", 0)), str(g["name"])))
-        loads = loads_from(states, self.cluster.capacity(), registry,
+        loads = loads_from(states, env.capacity(), registry,
                            skip=frozenset(g["uuid"] for g in todo))
         for _, level in groupby(todo, key=lambda g: int(g.get("priority", 0))):
-            launches = [go for g in level if (go := self._restart(g, loads)) is not None]
-            if len(launches) == 1:
-                launches[0]()
-            elif launches:
-                with ThreadPoolExecutor(max_workers=min(len(launches), 8),
-                                        thread_name_prefix="ha-restart") as pool:
-                    list(pool.map(lambda go: go(), launches))
+            env.run_all([go for g in level if (go := self._restart(g, loads)) is not None])
 
-    def _fence(self, host: str) -> None:
-        cfg = self.node.cfg
-        assert cfg is not None
-        if cfg.fence_command:
-            try:
-                procs.run([*shlex.split(cfg.fence_command), host], timeout=30)
-            except procs.CommandError as exc:
-                log.error("fencing %s failed, not restarting its domains yet: %s", host, exc)
-                return
-        self.cluster.etcd.put_json(self.cluster.key("fenced", host),
-                                   {"at": time.time(), "by": cfg.host})
-        log.warning("host %s is down: fenced", host)
+    def _fence(self, host: str) -> bool:
+        """Fence a host that is down; True once it is marked fenced (its domains may move)."""
+        try:
+            self.env.fence(host)
+        except FenceFailed as exc:
+            if host not in self.fence_failing:       # said once, tried every round
+                self.fence_failing.add(host)
+                self.env.log(logging.ERROR,
+                             f"fencing {host} failed, not restarting its domains yet: {exc}")
+            return False
+        self.env.mark_fenced(host)
+        self.fence_failing.discard(host)
+        self.env.log(logging.WARNING, f"host {host} is down: fenced")
+        return True
+
+    def _place(self, uuid: str, demand: Demand, loads: dict[str, HostLoad]) -> HostLoad:
+        """place_ha, preferring hosts where this domain's launch has not failed lately."""
+        ratio = self.settings.cpu_ratio
+        failed = self.failed_on.get(uuid, {})
+        if failed:
+            with contextlib.suppress(NoHostFits):
+                return place_ha(demand, [h for h in loads.values() if h.name not in failed],
+                                cpu_ratio=ratio)
+        return place_ha(demand, list(loads.values()), cpu_ratio=ratio)
 
     def _restart(self, g: dict[str, Any],
-                 loads: dict[str, Any]) -> Callable[[], None] | None:
+                 loads: dict[str, HostLoad]) -> Callable[[], None] | None:
         """Place `g` and move its registry record; the launch to run (None: nothing to do)."""
+        env = self.env
         uuid, name = str(g["uuid"]), str(g["name"])
-        got = self.cluster.domain_kv(uuid)
+        got = env.domain_kv(uuid)
         if got is None:
             return None
         rec, rev = got
-        wall = time.time()
+        wall = env.wall()
         recent = [t for t in rec.get("ha_restarts", []) if wall - t < LOOP_WINDOW_S]
-        guest_failure = rec.get("state") == "lost"   # host failures do not count
+        # host failures do not count: a domain its host's resync marked lost ("fenced": the
+        # host lost its lease, so its watchdog or a power loss stopped it) is one
+        guest_failure = rec.get("state") == "lost" and rec.get("reason") != "fenced"
         if guest_failure and len(recent) >= LOOP_LIMIT:
-            log.error("%s: restarted %d times in %.0fs; giving up", name, len(recent),
-                      LOOP_WINDOW_S)
-            self.cluster.move_domain(uuid, rev, {"state": "ha-failed"})
+            env.log(logging.ERROR, f"{name}: restarted {len(recent)} times in "
+                                   f"{LOOP_WINDOW_S:.0f}s; giving up")
+            env.move_domain(uuid, rev, {"state": "ha-failed"})
             return None
         demand = Demand.of(DomainConfig.model_validate(rec["config"]))
         try:
-            target = place_ha(demand, list(loads.values()), cpu_ratio=self.node.cpu_ratio)
+            target = self._place(uuid, demand, loads)
         except NoHostFits as exc:
             if rec.get("ha") == "best-effort":
-                self.cluster.move_domain(uuid, rev, {"state": "ha-failed", "reason": str(exc)})
+                env.log(logging.ERROR, f"{name}: best-effort, giving up: {exc}")
+                env.move_domain(uuid, rev, {"state": "ha-failed", "reason": str(exc)})
             elif uuid not in self.unplaced:
-                log.error("%s: cannot restart yet: %s", name, exc)
+                env.log(logging.ERROR, f"{name}: cannot restart yet: {exc}")
                 self.unplaced.add(uuid)
             return None
         self.unplaced.discard(uuid)
         from_host = rec.get("host")
         update = {"host": target.name, "state": "restarting",
                   "ha_restarts": [*recent, wall] if guest_failure else recent}
-        if not self.cluster.move_domain(uuid, rev, update):
+        if not env.move_domain(uuid, rev, update):
             return None
         target.add(demand)
 
         def launch() -> None:
-            log.warning("%s: restarting on %s (was on %s)", name, target.name, from_host)
+            env.log(logging.WARNING, f"{name}: restarting on {target.name} (was on {from_host})")
             try:
-                peer = self.node.peer(target.name)
+                env.launch(target.name, rec["config"], bool(rec.get("managed", False)))
             except GridvmError as exc:
-                self._launch_failed(uuid, name, rec, update, exc)
-                return
-            try:
-                peer.post("/domains", {"config": rec["config"],
-                                       "managed": rec.get("managed", False)})
-            except GridvmError as exc:
-                log.error("%s: restart on %s failed: %s", name, target.name, exc)
-                self._launch_failed(uuid, name, rec, update, exc)
-            finally:
-                peer.close()
+                env.log(logging.ERROR, f"{name}: restart on {target.name} failed: {exc}")
+                self.failed_on.setdefault(uuid, {})[target.name] = env.monotonic()
+                self._launch_failed(uuid, name, {**rec, **update}, exc)
+            else:
+                self.failed_on.pop(uuid, None)
 
         return launch
 
     def _launch_failed(self, uuid: str, name: str, rec: dict[str, Any],
-                       update: dict[str, Any], exc: GridvmError) -> None:
-        self.cluster.reserve_name(name, uuid)
-        self.cluster.etcd.put_json(self.cluster.key("domains", uuid),
-                                   {**rec, **update, "state": "lost", "reason": str(exc)})
+                       exc: GridvmError) -> None:
+        """Back to `lost` (the target may have dropped the record and the name)."""
+        self.env.reserve_name(name, uuid)
+        self.env.put_domain(uuid, {**rec, "state": "lost", "reason": str(exc)})

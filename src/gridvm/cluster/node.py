@@ -22,7 +22,8 @@ from gridvm.api.client import Client
 from gridvm.cluster import watchdog
 from gridvm.cluster.core import HA_ELECTION, Cluster, Election
 from gridvm.cluster.etcd import Etcd, EtcdError
-from gridvm.cluster.ha import ROUND_S, HaManager
+from gridvm.cluster.ha import ROUND_S, HaManager, HaSettings
+from gridvm.cluster.ha_env import EtcdHaEnv
 from gridvm.cluster.settings import ClusterConfig, Files
 from gridvm.cluster.store import ClusterStore
 from gridvm.errors import Conflict, GridvmError, NotFound
@@ -47,7 +48,7 @@ class ClusterNode:
         self.cluster: Cluster | None = None
         self.store: ClusterStore | None = None
         self.election: Election | None = None
-        self.ha = HaManager(self)
+        self.ha: HaManager | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._lease_seen: int | None = None
         self._elected = asyncio.Event()          # the HA election changed: run a round now
@@ -116,6 +117,10 @@ class ClusterNode:
         self.election = Election(Etcd(cfg.etcd, timeout=1.0), HA_ELECTION, cfg.host, cfg.ttl,
                                  on_change=elected)
         self.election.start()
+        self.ha = HaManager(
+            EtcdHaEnv(self.cluster, cfg.host, launch=self._launch_on_peer,
+                      is_leader=self._ha_leader, fence_command=cfg.fence_command),
+            HaSettings(margin=cfg.margin, cpu_ratio=cfg.cpu_ratio))
         self._tasks = [asyncio.create_task(self._heartbeat(), name="cluster-heartbeat"),
                        asyncio.create_task(self._ha_loop(), name="ha-manager")]
         log.info("in cluster at %s as %s (lease ttl %ss)", cfg.etcd, cfg.host, cfg.ttl)
@@ -200,19 +205,29 @@ class ClusterNode:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._elected.wait(), ROUND_S)
             self._elected.clear()
-            election = self.election
-            if election is None:
+            ha = self.ha
+            if ha is None:
                 continue
             try:
-                if not election.is_leader or \
-                        await asyncio.to_thread(election.leader) != self.need()[0].host:
-                    await asyncio.to_thread(self.ha.observe)   # note hosts going down
-                    continue
-                await asyncio.to_thread(self.ha.round)
+                await asyncio.to_thread(ha.tick)   # a round if elected, else observe
             except GridvmError as exc:
                 log.warning("HA round: %s", exc)
             except Exception:
                 log.exception("HA round failed")
+
+    def _ha_leader(self) -> bool:
+        """This host leads the HA election (etcd agrees: blocking)."""
+        election = self.election
+        return election is not None and election.is_leader and \
+            election.leader() == self.need()[0].host
+
+    def _launch_on_peer(self, host: str, config: dict[str, Any], managed: bool) -> None:
+        """The HA manager's launcher: create the domain through the host's gridvmd."""
+        peer = self.peer(host)
+        try:
+            peer.post("/domains", {"config": config, "managed": managed})
+        finally:
+            peer.close()
 
     # ----- peers ----------------------------------------------------------------------------
 

@@ -9,23 +9,39 @@
 
 from __future__ import annotations
 
+import urllib.parse
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
+from gridvm.config.model import HostRef, Text
 from gridvm.paths import Home
 
 
 class ClusterConfig(BaseModel):
     etcd: str                                    # e.g. http://10.77.0.3:2379
-    host: str                                    # this host's name in the cluster
+    host: HostRef                                # this host's name in the cluster
     ttl: int = Field(default=5, ge=2, le=60)     # host lease TTL, seconds
     vip_ttl: int = Field(default=1, ge=1, le=60)  # a VIP election's lease TTL (etcd raises
                                                   # it to its own minimum if shorter)
     margin: float = Field(default=1.0, ge=0)     # HA waits this long after a lease expires
     capacity_mb: int | None = None               # memory for guests (default: total - 512)
     cpu_ratio: float = Field(default=4.0, gt=0)  # vCPU overcommit for placement
-    fence_command: str | None = None             # run as `CMD HOST` before restarting
+    fence_command: Text | None = None            # run as `CMD HOST` before restarting
+
+    @field_validator("etcd")
+    @classmethod
+    def _etcd(cls, v: str) -> str:
+        try:
+            url = urllib.parse.urlsplit(v)
+            port = url.port
+        except ValueError:
+            url, port = None, None
+        if (url is None or url.scheme not in ("http", "https") or not url.hostname
+                or url.path.strip("/") or url.query or url.fragment or port == 0
+                or not v.isprintable() or " " in v):
+            raise ValueError(f"invalid etcd URL {v[:80]!r} (expected e.g. http://10.0.0.3:2379)")
+        return v
 
 
 class Files:

@@ -59,6 +59,7 @@ from gridvm.config.model import (
 )
 from gridvm.config.safeeval import Function, evaluate, first_code_statement, parse_source
 from gridvm.errors import ConfigError
+from gridvm.files import FileRefused, read_regular
 
 __all__ = [
     "IGNORED_KEYS",
@@ -140,6 +141,7 @@ UNSUPPORTED_KEYS: Mapping[str, str] = {
 _BOOTLOADER = re.compile(r"(py|pv)-?grub|domUloader")
 _PVGRUB = re.compile(r"^(pv-?grub.*|grub-.*xen.*)$")
 _MAX_MIB = 16 << 20
+MAX_CONFIG_BYTES = 4 * 1_000_000  # the evaluator's 1,000,000 characters, UTF-8 at worst
 _MAX_CAP = 6400
 _MAX_IOPS = 10**9
 _MAX_PRIORITY = 1_000_000
@@ -899,12 +901,15 @@ def load_config(
     *,
     fmt: Format = "auto",
 ) -> LoadResult:
-    """Read and parse a config file; messages name the path as given."""
+    """Read and parse a config file; messages name the path as given. Only regular files of
+    at most MAX_CONFIG_BYTES are read (a FIFO or /dev/zero is refused before reading)."""
     shown = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = read_regular(Path(path), limit=MAX_CONFIG_BYTES).decode("utf-8")
     except FileNotFoundError:
         raise ConfigError("config file not found", file=shown) from None
+    except FileRefused as exc:
+        raise ConfigError(f"cannot read config file: {exc}", file=shown) from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"config file is not UTF-8 text ({exc.reason})", file=shown) from None
     except OSError as exc:

@@ -153,7 +153,7 @@ class Dnsmasq:
         out = []
         for line in text.splitlines():
             f = line.split()
-            if len(f) >= 4 and f[0].isdigit():
+            if len(f) >= 4 and f[0].isascii() and f[0].isdigit():
                 out.append(Lease(mac=f[1], ip=f[2], hostname="" if f[3] == "*" else f[3],
                                  expires=int(f[0])))
         return out

@@ -41,8 +41,10 @@ def ensure_bridge(name: str) -> None:
         ipr.link("set", index=idx, state="up")
 
 
-def create_tap(name: str, bridge: str | None, mtu: int | None = None) -> None:
-    """A persistent tap `name`, up, enslaved to `bridge` (created if missing)."""
+def create_tap(name: str, bridge: str | None, mtu: int | None = None,
+               tag: str | None = None) -> None:
+    """A persistent tap `name`, up, enslaved to `bridge` (created if missing), carrying
+    `tag` as its alias so that its owner can find it again after a crash."""
     if len(name) > 15:
         raise LinkError(f"interface name {name!r} is longer than 15 characters")
     if bridge:
@@ -55,6 +57,8 @@ def create_tap(name: str, bridge: str | None, mtu: int | None = None) -> None:
         idx = _index(ipr, name)
         assert idx is not None
         try:
+            if tag:
+                ipr.link("set", index=idx, ifalias=tag)
             if bridge:
                 br = _index(ipr, bridge)
                 ipr.link("set", index=idx, master=br)
@@ -66,17 +70,27 @@ def create_tap(name: str, bridge: str | None, mtu: int | None = None) -> None:
             raise LinkError(f"cannot attach tap {name} to {bridge}: {exc}") from exc
 
 
-def delete_link(name: str) -> None:
-    """Remove a link if it exists (idempotent)."""
+def delete_link(name: str, tag: str | None = None) -> None:
+    """Remove a link if it exists (idempotent); with `tag`, only if it carries that alias
+    (a name we meant to create may belong to someone else)."""
     with IPRoute() as ipr:
         idx = _index(ipr, name)
         if idx is None:
+            return
+        if tag is not None and ipr.get_links(idx)[0].get_attr("IFLA_IFALIAS") != tag:
             return
         try:
             ipr.link("del", index=idx)
         except NetlinkError as exc:
             if exc.code != 19:  # ENODEV: already gone
                 raise LinkError(f"cannot delete {name}: {exc}") from exc
+
+
+def tagged_links(tag: str) -> list[str]:
+    """Names of the links that carry alias `tag`."""
+    with IPRoute() as ipr:
+        return [str(link.get_attr("IFLA_IFNAME")) for link in ipr.get_links()
+                if link.get_attr("IFLA_IFALIAS") == tag]
 
 
 def link_counters(name: str) -> tuple[int, int]:

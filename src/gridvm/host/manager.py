@@ -19,13 +19,13 @@ from typing import Any, Protocol
 
 from gridvm import __version__
 from gridvm.config.macs import assign_macs
-from gridvm.config.model import DomainConfig, Sched, VifSpec
+from gridvm.config.model import DomainConfig, Sched, VifSpec, check_name
 from gridvm.errors import ConfigError, Conflict, GridvmError, NotFound, QemuError
 from gridvm.host import hostinfo, links, procs, savefile
 from gridvm.host.guest import Guests
 from gridvm.host.resources import Resources, validate_sched, vif_index
 from gridvm.host.stats import Sampler
-from gridvm.host.vm import Vm, release
+from gridvm.host.vm import Vm, qemu_taps, release
 from gridvm.images.store import template_of
 from gridvm.paths import Home
 from gridvm.qemu import accel as accelmod
@@ -113,6 +113,7 @@ class HostManager:
         for rec in self.store.all():
             if rec.domid is not None:
                 await self._adopt(rec)
+        await self._sweep_taps()
         await self.res.reconcile({vm.rec.domid for vm in self.vms.values()
                                   if vm.rec.domid is not None})
         self.stats.start()
@@ -157,8 +158,10 @@ class HostManager:
         except QemuError as exc:
             log.error("%s: cannot re-adopt: %s", rec.name, exc)
             return
-        vm = Vm(rec, pid, rundir, monitor)
+        rec.taps = qemu_taps(procs.cmdline(pid))  # the running QEMU is the truth
+        vm = Vm(rec, pid, rundir, monitor, self.home.tag)
         self.vms[rec.uuid] = vm
+        await self.res.adopt(vm)
         status = await vm.status()
         vm.start_watching(self._on_event)
         log.info("%s: re-adopted domid %s (pid %s, %s)", rec.name, rec.domid, pid, status)
@@ -174,8 +177,20 @@ class HostManager:
 
     async def _forget(self, rec: DomainRecord, rundir: Path) -> None:
         await self.res.release(rec)
-        await release(rec.name, rec.taps, rundir)
+        await release(rec.name, rec.taps, rundir, self.home.tag)
         self._retire(rec)
+
+    async def _sweep_taps(self) -> None:
+        """Remove taps this home made that no adopted QEMU uses (a gridvmd killed while it
+        was making them, before the record named them)."""
+        used = {tap for vm in self.vms.values() for tap in vm.rec.taps}
+        for tap in await asyncio.to_thread(links.tagged_links, self.home.tag):
+            if tap not in used:
+                log.warning("removing tap %s: no domain of this host uses it", tap)
+                try:
+                    await asyncio.to_thread(links.delete_link, tap, self.home.tag)
+                except links.LinkError as exc:
+                    log.warning("%s", exc)
 
     def _retire(self, rec: DomainRecord) -> None:
         """A domain stopped: managed ones stay defined (shutoff), others vanish (as in Xen)."""
@@ -190,7 +205,7 @@ class HostManager:
     def lookup(self, ref: str) -> DomainRecord:
         """A domain by name, domid or UUID."""
         rec = self.store.by_name(ref)
-        if rec is None and ref.isdigit():
+        if rec is None and ref.isascii() and ref.isdigit():
             rec = next((r for r in self.store.all() if r.domid == int(ref)), None)
         if rec is None:
             with contextlib.suppress(ValueError):
@@ -273,12 +288,15 @@ class HostManager:
         domid = self.store.next_domid()
         rundir = self.home.run / str(domid)
         taps = [v.vifname or f"vif{domid}.{i}" for i, v in enumerate(cfg.vifs)]
-        if not cfg.bootloader or cfg.type == "hvm":
-            argv = build_argv(self.qemu, cfg, accel=self.accel, rundir=rundir, taps=taps,
-                              incoming=incoming)
-        rec.domid, rec.taps, rec.state, rec.accel = domid, [], "dying", self.accel
+        # pygrub domains get their argv once the boot loader has found the kernel (below);
+        # built here first, it checks everything else before anything is acquired.
+        argv = build_argv(self.qemu, _placeholder_kernel(cfg), accel=self.accel,
+                          rundir=rundir, taps=taps, incoming=incoming)
+        # Intent first: a crash from here on is reconciled by the next gridvmd (the planned
+        # taps are released by name, and only if they carry this home's tag).
+        rec.domid, rec.taps, rec.state, rec.accel = domid, list(taps), "dying", self.accel
         rec.shutdown_reason = None
-        self.store.put(rec)               # intent first: a crash from here on is reconciled
+        self.store.put(rec)
         made: list[str] = []
         pid: int | None = None
         monitor: Monitor | None = None
@@ -293,9 +311,8 @@ class HostManager:
                 argv.append("-S")
             for tap, vif in zip(taps, cfg.vifs, strict=True):
                 bridge = await self.net.bridge_for(vif)
-                await asyncio.to_thread(links.create_tap, tap, bridge)
+                await asyncio.to_thread(links.create_tap, tap, bridge, None, self.home.tag)
                 made.append(tap)
-                rec.taps = list(made)
             try:
                 await procs.arun(argv, timeout=30)
             except procs.CommandError as exc:
@@ -305,7 +322,7 @@ class HostManager:
                 raise QemuError(f"QEMU for {cfg.name} wrote no pid file")
             monitor = Monitor(f"gridvmd-{cfg.name}", rundir / "qmp.sock")
             await monitor.connect(timeout=10)
-            vm = Vm(rec, pid, rundir, monitor)
+            vm = Vm(rec, pid, rundir, monitor, self.home.tag)
             status = await vm.status()
             await self.res.apply(vm)
         except BaseException:
@@ -316,7 +333,7 @@ class HostManager:
             if pid is not None:
                 with contextlib.suppress(Exception):
                     await procs.kill_and_wait(pid, timeout=2)
-            await release(cfg.name, made, rundir)
+            await release(cfg.name, made, rundir, self.home.tag)
             rec.domid, rec.taps, rec.state, rec.started_at = None, [], "shutoff", None
             if self.store.get(rec.uuid) is not None:
                 self.store.put(rec)
@@ -503,10 +520,13 @@ class HostManager:
 
     async def rename(self, ref: str, new: str) -> DomainRecord:
         rec = self.lookup(ref)
+        try:
+            check_name(new)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if self.store.by_name(new) is not None:
             raise Conflict(f"domain name {new!r} is already in use")
         rec.config = rec.config.model_copy(update={"name": new})
-        DomainConfig.model_validate(rec.config.model_dump())
         self.store.put(rec)
         return rec
 
@@ -537,7 +557,7 @@ class HostManager:
                 await self.res.pin(vm, None, cpus)
                 vm.rec.config = vm.rec.config.model_copy(update={"cpus": cpus})
                 vm.rec.vcpu_pins = {}
-            elif vcpu.isdigit():
+            elif vcpu.isascii() and vcpu.isdigit():
                 await self.res.pin(vm, int(vcpu), cpus)
                 vm.rec.vcpu_pins[int(vcpu)] = cpus
             else:
@@ -641,9 +661,15 @@ class HostManager:
             await vm.monitor.execute("migrate_cancel")
         raise QemuError(f"migration did not finish within {timeout:.0f}s")
 
-    async def restore(self, path: Path, *, paused: bool = False) -> DomainRecord:
+    async def restore(self, path: Path, *, paused: bool = False,
+                      read_timeout: float = 30) -> DomainRecord:
         """Start a domain from a save file (xm restore)."""
-        cfg, offset = savefile.read_header(path.absolute())
+        try:
+            cfg, offset = await asyncio.wait_for(
+                asyncio.to_thread(savefile.read_header, path.absolute()), read_timeout)
+        except TimeoutError:
+            raise GridvmError(f"{path}: could not read the save file within "
+                              f"{read_timeout:.0f}s") from None
         async with self._create_lock:
             self._check_new(cfg)
             rec = DomainRecord(config=cfg)
@@ -751,6 +777,13 @@ class HostManager:
             "domains": len(self.store.all()),
             "running": len(self.vms),
         }
+
+def _placeholder_kernel(cfg: DomainConfig) -> DomainConfig:
+    """For checking a pygrub domain's argv before its kernel is known."""
+    if cfg.bootloader and cfg.type != "hvm" and not cfg.kernel:
+        return cfg.model_copy(update={"kernel": "/pygrub/vmlinuz"})
+    return cfg
+
 
 def _shq(path: Path) -> str:
     return shlex.quote(str(path))

@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
-from gridvm.config.model import DomainConfig
+from gridvm.config.model import DomainConfig, Path_
 from gridvm.errors import Conflict, GridvmError, NotFound, QemuError
 from gridvm.host import hostinfo, links, procs
 from gridvm.host.manager import HostManager
@@ -78,13 +78,21 @@ class MigrateOptions(BaseModel):
 class DiskCopy(BaseModel):
     """A disk the destination creates and the source mirrors into (--copy-storage)."""
 
-    index: int
+    index: int = Field(ge=0)
     vdev: str
-    path: str                   # on the source
+    path: Path_                 # on the source
     local: str | None = None    # relative to the source's storage directory, if under it
-    format: str
-    size: int                   # virtual size in bytes
+    format: Literal["raw", "qcow2"]
+    size: int = Field(ge=0)     # virtual size in bytes
     ident: tuple[int, int]      # (st_dev, st_ino) on the source: detects a shared file
+
+    @field_validator("local")
+    @classmethod
+    def _local(cls, v: str | None) -> str | None:
+        if v is not None and (v.startswith("/") or "\0" in v or ".." in Path(v).parts
+                              or not v.strip()):
+            raise ValueError(f"{v[:80]!r} is not a path inside the storage directory")
+        return v
 
 
 class PrepareRequest(BaseModel):
@@ -103,10 +111,19 @@ class PrepareRequest(BaseModel):
 
 class PrepareAnswer(BaseModel):
     id: str
-    uri: str                    # QEMU's stream, e.g. tcp:10.77.0.12:40123
+    # QEMU's stream, e.g. tcp:10.77.0.12:40123 (never exec: or file: from a peer)
+    uri: str = Field(pattern=r"^tcp:(\[[0-9A-Fa-f:.]+\]|[0-9.]+):[0-9]{1,5}$")
     domid: int
     nbd: dict[str, str] = Field(default_factory=dict)      # drive id -> NBD URI
     targets: dict[str, str] = Field(default_factory=dict)  # vdev -> image on the destination
+
+    @field_validator("nbd")
+    @classmethod
+    def _nbd(cls, v: dict[str, str]) -> dict[str, str]:
+        for uri in v.values():
+            if not uri.startswith("nbd://") or any(c in uri for c in ", \0\n"):
+                raise ValueError(f"bad NBD URI {uri[:80]!r}")
+        return v
 
 
 IncomingState = Literal["waiting", "running", "paused", "failed"]

@@ -33,7 +33,7 @@ log = logging.getLogger("gridvm.networks")
 
 META_KEY = "networks"
 RUN_ROOT = Path("/run/gridvm")
-NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,14}$")
+NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,14}")
 
 Mode = Literal["bridge", "nat"]
 Proto = Literal["tcp", "udp"]
@@ -284,7 +284,7 @@ class NetworkManager:
 
     async def _validate_new(self, name: str, mode: Mode, uplink: str | None,
                             subnet: str | None) -> Network:
-        if not NAME_RE.match(name):
+        if not NAME_RE.fullmatch(name):
             raise ConfigError(f"invalid network name {name!r}: it names the bridge, so use "
                               "a letter then up to 14 letters, digits, '_' or '-'")
         if name in self.nets:

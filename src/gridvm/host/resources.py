@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
 from pathlib import Path
@@ -34,7 +33,7 @@ def group_name(domid: int) -> str:
 
 def cgroup_parent(home: Home) -> str:
     """The cgroup that holds one home's domain groups (two homes never share one)."""
-    return f"gridvm/{hashlib.sha1(str(home.root).encode()).hexdigest()[:10]}"
+    return f"gridvm/{home.tag}"
 
 
 def remove_home_groups(home: Home) -> None:
@@ -78,6 +77,16 @@ class Resources:
                 await asyncio.to_thread(shaping.set_rate, tap, parse_rate(vif.rate))
         if cfg.memory < cfg.max_memory:
             await self.balloon(vm, cfg.memory)
+
+    async def adopt(self, vm: Vm) -> None:
+        """A re-adopted QEMU: make sure it sits in its cgroup with its weight and cap (a
+        gridvmd killed between QEMU's start and `apply` left it in the root group)."""
+        if self.cgroups is None or vm.rec.domid is None:
+            return
+        name, cg = group_name(vm.rec.domid), self.cgroups
+        await asyncio.to_thread(cg.create, name)
+        await asyncio.to_thread(cg.attach, name, vm.pid)
+        await self.set_sched(vm, vm.rec.config.sched.weight, vm.rec.config.sched.cap)
 
     async def release(self, rec: DomainRecord) -> None:
         """Remove the cgroup and shaping of a domain whose QEMU is gone."""
@@ -191,7 +200,7 @@ def validate_sched(weight: int | None, cap: int | None) -> None:
 
 def vif_index(cfg: DomainConfig, vif: str) -> int:
     """A vif named by index ("0") or by MAC."""
-    if vif.isdigit():
+    if vif.isascii() and vif.isdigit():
         return int(vif)
     for i, v in enumerate(cfg.vifs):
         if v.mac and v.mac == vif.lower():

@@ -24,11 +24,26 @@ WATCHED = ("SHUTDOWN", "STOP", "RESUME", "GUEST_PANICKED", "RESET")
 Handler = Callable[["Vm", str], Awaitable[None]]
 
 
+def qemu_taps(argv: list[str]) -> list[str]:
+    """The tap names a QEMU command line uses (`-netdev tap,…,ifname=X`), in order."""
+    taps = []
+    for flag, value in zip(argv, argv[1:], strict=False):
+        if flag == "-netdev" and value.startswith("tap,"):
+            opts = value.replace(",,", "\0").split(",")
+            for opt in opts:
+                key, _, val = opt.partition("=")
+                if key == "ifname":
+                    taps.append(val.replace("\0", ","))
+    return taps
+
+
 class Vm:
     """A QEMU process that gridvmd owns (launched or re-adopted)."""
 
-    def __init__(self, rec: DomainRecord, pid: int, rundir: Path, monitor: Monitor) -> None:
+    def __init__(self, rec: DomainRecord, pid: int, rundir: Path, monitor: Monitor,
+                 tag: str | None = None) -> None:
         self.rec = rec
+        self.tag = tag                       # the alias of the taps this host made for it
         self.pid = pid
         self.rundir = rundir
         self.monitor = monitor
@@ -128,14 +143,15 @@ class Vm:
 
     async def release_resources(self) -> None:
         """Remove what the domain held on the host: taps and its run directory."""
-        await release(self.name, self.rec.taps, self.rundir)
+        await release(self.name, self.rec.taps, self.rundir, self.tag)
 
 
-async def release(name: str, taps: list[str], rundir: Path) -> None:
-    """Delete taps (pyroute2 blocks: run it in a thread) and the run directory."""
+async def release(name: str, taps: list[str], rundir: Path, tag: str | None = None) -> None:
+    """Delete taps (pyroute2 blocks: run it in a thread) — with `tag`, only those carrying
+    it — and the run directory."""
     for tap in taps:
         try:
-            await asyncio.to_thread(links.delete_link, tap)
+            await asyncio.to_thread(links.delete_link, tap, tag)
         except links.LinkError as exc:
             log.warning("%s: %s", name, exc)
     shutil.rmtree(rundir, ignore_errors=True)

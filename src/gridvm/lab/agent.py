@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from gridvm.api.client import Client, DaemonNotRunning
+from gridvm.api.client import Client, DaemonNotRunning, q
 from gridvm.errors import GridvmError
 from gridvm.paths import Home
 
@@ -92,8 +92,8 @@ class Agent:
             for view in c.get("/domains"):
                 with contextlib.suppress(GridvmError):
                     if view["domid"] is not None:
-                        c.post(f"/domains/{view['uuid']}/destroy")
+                        c.post(f"/domains/{q(view['uuid'])}/destroy")
                 with contextlib.suppress(GridvmError):
-                    c.delete(f"/domains/{view['uuid']}")
+                    c.delete(f"/domains/{q(view['uuid'])}")
         finally:
             c.close()

@@ -27,7 +27,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from gridvm.api.client import Client
+from gridvm.api.client import Client, q
 from gridvm.api.relocation import load_token, token_path, write_token
 from gridvm.errors import ConfigError, Conflict, GridvmError, NotFound
 from gridvm.host import netdevs, netns, procs
@@ -38,7 +38,7 @@ from gridvm.lab.agent import Agent
 from gridvm.paths import Home
 
 LABS_DIR = RUN_ROOT / "labs"
-NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,11}$")
+NAME_RE = re.compile(r"[a-z][a-z0-9]{0,11}")
 DEFAULT_SUBNET = "10.77.0.0/24"
 LAN_BRIDGE = "lan"
 HOST_IFACE = "eth0"
@@ -139,7 +139,7 @@ def find_host(ref: str) -> tuple[LabState, LabHost]:
 def plan(name: str, hosts: int, *, root: Path, images: Path, accel: str,
          subnet: str = DEFAULT_SUBNET, cluster: bool = False, ttl: int = 5) -> LabState:
     """What `up` will make; validates the request."""
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise ConfigError(f"invalid lab name {name!r}: a lowercase letter then up to 11 "
                           "lowercase letters or digits")
     if not 1 <= hosts <= MAX_HOSTS:
@@ -291,11 +291,11 @@ def _stop_host(host: LabHost) -> None:
             for view in c.get("/domains"):
                 with contextlib.suppress(GridvmError):
                     if view["domid"] is not None:
-                        c.post(f"/domains/{view['uuid']}/destroy")
-                    c.delete(f"/domains/{view['uuid']}")
+                        c.post(f"/domains/{q(view['uuid'])}/destroy")
+                    c.delete(f"/domains/{q(view['uuid'])}")
             for net in c.get("/networks"):
                 with contextlib.suppress(GridvmError):
-                    c.delete(f"/networks/{net['name']}")
+                    c.delete(f"/networks/{q(net['name'])}")
     _stop_daemon(host, kill=False)
 
 

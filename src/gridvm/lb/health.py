@@ -28,7 +28,8 @@ async def _probe(check: Check, ip: str, port: int) -> str | None:
                      "Connection: close\r\n\r\n".encode())
         await writer.drain()
         status = (await reader.readline()).decode(errors="replace").split()
-        if len(status) >= 2 and status[1].isdigit() and 200 <= int(status[1]) < 400:
+        code = status[1] if len(status) >= 2 else ""
+        if code.isascii() and code.isdigit() and 200 <= int(code) < 400:
             return None
         return f"HTTP {status[1]}" if len(status) >= 2 else "no HTTP status line"
     finally:

@@ -18,8 +18,8 @@ from gridvm.errors import ConfigError
 
 Scheduler = Literal["rr", "wrr", "sh", "random"]
 SCHEDULERS: tuple[Scheduler, ...] = ("rr", "wrr", "sh", "random")
-NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,23}$")
-DOMAIN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME_RE = re.compile(r"[a-z][a-z0-9-]{0,23}")
+DOMAIN_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MAX_WEIGHT = 100
 MAX_SLOTS = 4096
 
@@ -28,7 +28,7 @@ MAX_SLOTS = 4096
 
 
 def _port(text: str, what: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 65535:
         raise ConfigError(f"bad {what} {text!r}: a port is 1-65535")
     return int(text)
 
@@ -59,7 +59,7 @@ def parse_backends(text: str) -> list[tuple[str, int | None]]:
     for item in text.split(","):
         item = item.strip()
         dom, sep, port = item.partition(":")
-        if not DOMAIN_RE.match(dom):
+        if not DOMAIN_RE.fullmatch(dom):
             raise ConfigError(f"bad backend {item!r} in --backends: use DOM[:PORT][,DOM…]")
         out.append((dom, _port(port, f"port of backend {dom}") if sep else None))
     names = [d for d, _ in out]
@@ -72,7 +72,7 @@ def parse_backends(text: str) -> list[tuple[str, int | None]]:
 def parse_weight(text: str) -> tuple[str, int]:
     """`web1=3` → ("web1", 3)."""
     dom, sep, w = text.partition("=")
-    if not sep or not DOMAIN_RE.match(dom) or not w.isdigit():
+    if not sep or not DOMAIN_RE.fullmatch(dom) or not (w.isascii() and w.isdigit()):
         raise ConfigError(f"bad --weight {text!r}: use DOM=W, e.g. web1=3")
     return dom, check_weight(int(w))
 
@@ -119,7 +119,7 @@ class Backend(BaseModel):
     @field_validator("domain")
     @classmethod
     def _domain(cls, v: str) -> str:
-        if not DOMAIN_RE.match(v):
+        if not DOMAIN_RE.fullmatch(v):
             raise ValueError(f"bad backend domain name {v!r}")
         return v
 
@@ -140,7 +140,7 @@ class ServiceSpec(BaseModel):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not NAME_RE.match(v):
+        if not NAME_RE.fullmatch(v):
             raise ValueError(f"bad service name {v!r}: a lowercase letter, then up to 23 "
                              "lowercase letters, digits or '-'")
         return v

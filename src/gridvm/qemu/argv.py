@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from gridvm.config.model import DiskSpec, DomainConfig, VifSpec
+from gridvm.config.model import NIC_MODELS, DiskSpec, DomainConfig, VifSpec
 from gridvm.errors import ConfigError
 from gridvm.qemu import guestagent
 
@@ -19,15 +19,20 @@ class Device(Protocol):
     def args(self) -> list[str]: ...
 
 
+def escape(value: object) -> str:
+    """One QEMU option value: commas doubled, as QEMU's option parser expects."""
+    return str(value).replace(",", ",,")
+
+
 def _opts(head: str, **kv: object) -> str:
-    """`head,key=value,...` skipping None values; bools become on/off."""
+    """`head,key=value,...` skipping None values; bools become on/off; values escaped."""
     parts = [head]
     for key, value in kv.items():
         if value is None:
             continue
         if isinstance(value, bool):
             value = "on" if value else "off"
-        parts.append(f"{key.replace('_', '-')}={value}")
+        parts.append(f"{key.replace('_', '-')}={escape(value)}")
     return ",".join(parts)
 
 
@@ -53,7 +58,7 @@ class Machine:
         return [
             "-machine", f"pc,accel={self.accel}",
             "-cpu", cpu,
-            "-name", f"{self.name},process=gridvm:{self.name}",
+            "-name", _opts(escape(self.name), process=f"gridvm:{self.name}"),
             "-uuid", self.uuid,
             # RAM is sized for maxmem; gridvmd balloons down to `memory` after start.
             "-m", ram_size(self.maxmem, self.accel),
@@ -117,7 +122,7 @@ class OemStrings:
     def args(self) -> list[str]:
         argv: list[str] = []
         for value in self.oem:
-            argv += ["-smbios", f"type=11,value=gridvm:{value.replace(',', ',,')}"]
+            argv += ["-smbios", f"type=11,value=gridvm:{escape(value)}"]
         return argv
 
 
@@ -160,7 +165,7 @@ class Disk:
             readonly=(s.mode == "r") or None, media="cdrom" if s.devtype == "cdrom" else None,
             cache="none" if s.devtype == "disk" else None, aio="threads",
         )
-        extra = ",".join(f"{k}={v}" for k, v in _throttle(s).items() if v)
+        extra = ",".join(f"{k}={escape(v)}" for k, v in _throttle(s).items() if v)
         if extra:
             drive += "," + extra
         if self.hvm:
@@ -183,6 +188,8 @@ class Nic:
         model = self.spec.model or ("e1000" if self.hvm else "virtio-net-pci")
         if model in ("virtio", "virtio-net"):
             model = "virtio-net-pci"
+        if model not in NIC_MODELS:  # the model validated it; never let a head through
+            raise ConfigError(f"unknown NIC model {model!r}")
         netdev = _opts("tap", id=f"vif{self.index}", ifname=self.tap, script="no",
                        downscript="no", vhost=None)
         return ["-netdev", netdev,
