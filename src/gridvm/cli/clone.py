@@ -65,6 +65,7 @@ def clone(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """Linked clones of a template: qcow2 overlays and domain configs, each its own identity."""
+    from gridvm.api.client import q
     from gridvm.cli.main import State, client, emit_json, out
     from gridvm.config.xmfile import load_config
     from gridvm.images.store import get_image
@@ -106,15 +107,15 @@ def clone(
                             "config": str(cfg_path)})
         if start:
             for spec in specs:
-                view = c.post(f"/domains/{spec.name}/start", {})
+                view = c.post(f"/domains/{q(spec.name)}/start", {})
                 out.print(f"Started domain {view['name']} (id={view['domid']})",
                           highlight=False)
     except BaseException:
         for dom in defined:
             with contextlib.suppress(GridvmError):
-                c.post(f"/domains/{dom}/destroy")
+                c.post(f"/domains/{q(dom)}/destroy")
             with contextlib.suppress(GridvmError):
-                c.delete(f"/domains/{dom}")
+                c.delete(f"/domains/{q(dom)}")
         made.remove()
         raise
     took = time.monotonic() - started

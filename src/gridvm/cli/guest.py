@@ -21,6 +21,7 @@ def guest_exec(
     stdin: Annotated[bool, typer.Option("--stdin", help="pass this command's stdin")] = False,
 ) -> None:
     """Run a command in a domain through its guest agent; prints its output, exits with its code."""
+    from gridvm.api.client import q
     from gridvm.cli.main import client
 
     if command and command[0] == "--":   # `DOM -- CMD`: options end at DOM already
@@ -30,7 +31,7 @@ def guest_exec(
     body: dict[str, object] = {"argv": command, "timeout": timeout}
     if stdin:
         body["input"] = base64.b64encode(sys.stdin.buffer.read()).decode()
-    res = client(timeout + 15).post(f"/domains/{dom}/guest-exec", body)
+    res = client(timeout + 15).post(f"/domains/{q(dom)}/guest-exec", body)
     sys.stdout.buffer.write(base64.b64decode(res["stdout"]))
     sys.stdout.flush()
     sys.stderr.buffer.write(base64.b64decode(res["stderr"]))
@@ -43,9 +44,10 @@ def guest_fsfreeze(
     action: Annotated[str, typer.Argument(help="freeze, thaw or status")] = "status",
 ) -> None:
     """Freeze or thaw a domain's filesystems through its agent (for consistent snapshots)."""
+    from gridvm.api.client import q
     from gridvm.cli.main import client, out
 
-    res = client(120).post(f"/domains/{dom}/guest-fsfreeze", {"action": action})
+    res = client(120).post(f"/domains/{q(dom)}/guest-fsfreeze", {"action": action})
     detail = ""
     if "frozen" in res:
         detail = f" ({res['frozen']} filesystems)"
