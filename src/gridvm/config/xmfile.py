@@ -86,17 +86,13 @@ class LoadResult:
 
 
 IGNORED_KEYS = frozenset({
-    # display and input
-    "vfb", "vnc", "vncviewer", "vncconsole", "vnclisten", "vncdisplay", "vncunused",
-    "vncpasswd", "sdl", "opengl", "display", "xauthority", "keymap", "nographic", "monitor",
-    "stdvga", "vga", "videoram", "vkb", "usb", "usbdevice", "soundhw", "spice", "spicehost",
-    "spiceport", "spicetls_port", "spicedisable_ticketing", "spicepasswd", "spiceagent_mouse",
-    "spicevdagent", "spice_clipboard_sharing", "spiceusbredirection",
-    # firmware, device model and platform switches
+    # display and input settings that need no display (the console is serial)
+    "display", "xauthority", "keymap", "nographic", "monitor", "vkb", "usb", "usbdevice",
+    "soundhw",
+    # firmware and platform switches
     "acpi", "acpi_s3", "acpi_s4", "apic", "pae", "hap", "hpet", "viridian", "timer_mode",
-    "vpt_align", "localtime", "rtc_timeoffset", "tsc_mode", "nx", "device_model",
-    "device_model_version", "device_model_override", "device_model_stubdomain_override",
-    "firmware", "bios", "firmware_override", "shadow_memory", "xen_platform_pci",
+    "vpt_align", "localtime", "rtc_timeoffset", "tsc_mode", "nx", "firmware", "bios",
+    "firmware_override", "shadow_memory", "xen_platform_pci",
     "xen_extended_power_mgmt", "pci_msitranslate", "pci_power_mgmt", "e820_host",
     "superpages", "s3_integrity", "vhpt", "guest_os_type", "max_grant_frames",
     "max_maptrack_frames", "max_event_channels", "claim_mode", "driver_domain",
@@ -108,7 +104,17 @@ IGNORED_KEYS = frozenset({
 _NO_PASSTHROUGH = "device passthrough is not supported"
 _NO_DEVICE = "this device type is not supported"
 _NO_HOTPLUG = "vcpu hotplug is not supported: the domain gets 'vcpus' CPUs"
+_NO_DISPLAY = "there is no graphical console (gridvm console gives the serial one)"
+_OWN_QEMU = "gridvm runs and configures QEMU itself"
 UNSUPPORTED_KEYS: Mapping[str, str] = {
+    **dict.fromkeys(
+        ("vfb", "vnc", "vncviewer", "vncconsole", "vnclisten", "vncdisplay", "vncunused",
+         "vncpasswd", "sdl", "opengl", "stdvga", "vga", "videoram", "spice", "spicehost",
+         "spiceport", "spicetls_port", "spicedisable_ticketing", "spicepasswd",
+         "spiceagent_mouse", "spicevdagent", "spice_clipboard_sharing", "spiceusbredirection"),
+        _NO_DISPLAY),
+    **dict.fromkeys(("device_model", "device_model_version", "device_model_override",
+                     "device_model_stubdomain_override"), _OWN_QEMU),
     **dict.fromkeys(
         ("pci", "ioports", "iomem", "irqs", "dtdev", "gfx_passthru", "usbctrl", "usbdev",
          "vscsi", "rdm"), _NO_PASSTHROUGH),
@@ -264,7 +270,7 @@ def parse_bytes(text: str) -> int:
 _VDEV = re.compile(r"(?:xvd|hd|sd|vd)[a-z]{1,3}\d{0,3}")
 _FORMATS = {"raw": "raw", "qcow2": "qcow2", "aio": "raw", "sync": "raw"}
 _UNSUPPORTED_FORMATS = {"qcow", "vhd", "qed", "ram", "vmdk"}
-_TRANSPORTS = {"file", "tap", "tap2", "tapdisk", "phy"}
+_TRANSPORTS = {"file", "tap", "tap2", "tapdisk", "phy", "ioemu"}
 _DISK_FLAGS = {"cdrom", "discard", "no-discard", "direct-io-safe", "colo"}
 _DISK_IGNORED = {"backendtype", "backend", "script", "discard", "no-discard",
                  "direct-io-safe", "specification", "trusted", "untrusted"}
@@ -336,11 +342,12 @@ def parse_disk(spec: str, warnings: list[str] | None = None) -> DiskSpec | None:
         else:
             positional.append(item)
     # Positional items: xl's `target, format, vdev, access` when the second item is a format
-    # name (or empty, of four); otherwise xm's `target, vdev, access[, backend domain]`.
+    # name or empty (xl's default format: `/root/image.iso,,hdc,cdrom`); otherwise xm's
+    # `target, vdev, access[, backend domain]` (an empty *target* is xm's empty CD-ROM).
     names = ["target", "vdev", "access", "backend"]
     if len(positional) >= 2 and (
         positional[1].lower() in (*_FORMATS, *_UNSUPPORTED_FORMATS, "empty")
-        or (positional[1] == "" and len(positional) == 4)
+        or (positional[1] == "" and (positional[0] != "" or len(positional) == 4))
     ):
         names = ["target", "format", "vdev", "access"]
     if len(positional) > len(names):
@@ -801,7 +808,8 @@ class _Reader:
         if handler is not None:
             if value is not None:
                 handler(self, key, value)
-        elif key in UNSUPPORTED_KEYS and value not in (None, "", []):
+        elif key in UNSUPPORTED_KEYS and value not in (None, "", [], 0, False):
+            # (a switch turned off, such as Xen's `sdl=0`, asks for nothing)
             self.warn(key, f"{key} ignored: {UNSUPPORTED_KEYS[key]}")
         # IGNORED_KEYS are dropped silently; unknown keys are reported by _parse.
 
