@@ -5,7 +5,8 @@ Xen's example configs begin with `import os, re` and compute paths from `os.unam
 imported or executed. `os.uname()` answers this host's uname; `re.search`/`re.match` run
 patterns that cannot backtrack for long (no repetition of a repetition or of alternatives,
 at most three repetitions, no backreferences, short patterns and subjects) and return a
-match object with `group()`, `groups()`, `start()`, `end()`, `span()`. Any other attribute is refused with file:line.
+match object with `group()`, `groups()`, `start()`, `end()`, `span()`. Any other attribute
+is refused with file:line.
 """
 
 from __future__ import annotations
