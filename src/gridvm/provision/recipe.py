@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from gridvm.errors import ConfigError
 
 Arch = Literal["amd64", "i386"]
-BUILDER_VERSION = 3  # bump when the build itself changes (everything is rebuilt)
+BUILDER_VERSION = 4  # bump when the build itself changes (everything is rebuilt)
 KERNELS: dict[str, str] = {"amd64": "linux-image-amd64", "i386": "linux-image-686-pae"}
 # What every gridvm image holds: init, the kernel's friends, the agent, SSH and the tools
 # gridvm's identity script uses (dmidecode reads the SMBIOS OEM strings).
