@@ -283,7 +283,10 @@ def load_recipe(path: Path) -> Recipe:
     recipe = parse_recipe(data, shown)
     for f in recipe.files:
         if f.source is not None:
-            source_path(f, Path(path).parent)
+            try:
+                source_path(f, Path(path).parent)
+            except ConfigError as exc:
+                raise ConfigError(str(exc), file=shown) from None
     return recipe
 
 
