@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -108,6 +108,24 @@ class Guests:
         macs = {i.mac.lower(): i.ipv4() for i in interfaces if i.mac and i.name != "lo"}
         self._addresses[vm.rec.uuid] = _Cached(time.monotonic(), macs)
         return macs
+
+    async def annotate(self, view: dict[str, Any], vm: Vm,
+                       leases: Callable[[], Awaitable[dict[str, str]]]) -> None:
+        """Add the guest's addresses to a domain view: `agent`, `addresses`, and each vif's
+        `ip` (with `ip_source` agent or lease) where the config gives none."""
+        found = await self.addresses(vm)
+        view["agent"] = found is not None
+        source = "agent"
+        if found is None:
+            source = "lease"
+            found = {mac: [ip] for mac, ip in (await leases()).items()}
+        addresses: list[str] = []
+        for nic in view["vifs"]:
+            ips = found.get(nic["mac"] or "", [])
+            addresses += ips
+            if nic["ip"] is None and ips:
+                nic["ip"], nic["ip_source"] = ips[0], source
+        view["addresses"] = addresses
 
     def forget(self, uuid: str) -> None:
         self._addresses.pop(uuid, None)

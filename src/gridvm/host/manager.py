@@ -22,6 +22,7 @@ from gridvm.config.macs import assign_macs
 from gridvm.config.model import DomainConfig, Sched, VifSpec, check_name
 from gridvm.errors import ConfigError, Conflict, GridvmError, NotFound, QemuError
 from gridvm.host import hostinfo, links, procs, savefile
+from gridvm.host.boot import BootLoader, NoBootLoader, uses_bootloader, with_placeholder_kernel
 from gridvm.host.guest import Guests
 from gridvm.host.resources import Resources, validate_sched, vif_index
 from gridvm.host.stats import Sampler
@@ -54,20 +55,6 @@ class NetPlug(Protocol):
     async def leases(self, rec: DomainRecord) -> dict[str, str]:
         """MAC -> address of the DHCP leases the domain's vifs hold (NAT networks)."""
         ...
-
-
-class BootLoader(Protocol):
-    """Finds a PV domain's kernel on its own disk (pygrub; gridvm.provision implements it)."""
-
-    def boot(self, cfg: DomainConfig, workdir: Path) -> DomainConfig:
-        """`cfg` with kernel, ramdisk and cmdline set, files placed under `workdir`."""
-        ...
-
-
-class NoBootLoader:
-    def boot(self, cfg: DomainConfig, workdir: Path) -> DomainConfig:
-        raise ConfigError(f"domain {cfg.name}: bootloader = 'pygrub' needs gridvmd's boot "
-                          "loader (not available here)")
 
 
 class PlainBridges:
@@ -290,7 +277,7 @@ class HostManager:
         taps = [v.vifname or f"vif{domid}.{i}" for i, v in enumerate(cfg.vifs)]
         # pygrub domains get their argv once the boot loader has found the kernel (below);
         # built here first, it checks everything else before anything is acquired.
-        argv = build_argv(self.qemu, _placeholder_kernel(cfg), accel=self.accel,
+        argv = build_argv(self.qemu, with_placeholder_kernel(cfg), accel=self.accel,
                           rundir=rundir, taps=taps, incoming=incoming)
         # Intent first: a crash from here on is reconciled by the next gridvmd (the planned
         # taps are released by name, and only if they carry this home's tag).
@@ -303,7 +290,7 @@ class HostManager:
         try:
             shutil.rmtree(rundir, ignore_errors=True)
             rundir.mkdir(parents=True)
-            if cfg.bootloader and cfg.type != "hvm":   # pygrub: the kernel from its disk
+            if uses_bootloader(cfg):   # pygrub: the kernel from its own disk
                 booted = await asyncio.to_thread(self.bootloader.boot, cfg, rundir)
                 argv = build_argv(self.qemu, booted, accel=self.accel, rundir=rundir,
                                   taps=taps, incoming=incoming)
@@ -719,19 +706,7 @@ class HostManager:
             actual = await self.res.current_memory(vm)
             if actual is not None:
                 data["memory"] = actual
-            found = await self.guests.addresses(vm)
-            data["agent"] = found is not None
-            source = "agent"
-            if found is None:
-                source = "lease"
-                found = {mac: [ip] for mac, ip in (await self.net.leases(rec)).items()}
-            addresses: list[str] = []
-            for nic in data["vifs"]:
-                ips = found.get(nic["mac"] or "", [])
-                addresses += ips
-                if nic["ip"] is None and ips:
-                    nic["ip"], nic["ip_source"] = ips[0], source
-            data["addresses"] = addresses
+            await self.guests.annotate(data, vm, lambda: self.net.leases(rec))
         return data
 
     def view(self, rec: DomainRecord) -> dict[str, Any]:
@@ -777,13 +752,6 @@ class HostManager:
             "domains": len(self.store.all()),
             "running": len(self.vms),
         }
-
-def _placeholder_kernel(cfg: DomainConfig) -> DomainConfig:
-    """For checking a pygrub domain's argv before its kernel is known."""
-    if cfg.bootloader and cfg.type != "hvm" and not cfg.kernel:
-        return cfg.model_copy(update={"kernel": "/pygrub/vmlinuz"})
-    return cfg
-
 
 def _shq(path: Path) -> str:
     return shlex.quote(str(path))
