@@ -12,7 +12,10 @@ the template's disk plus an xm config that gives it its identity:
   (`sysprep`), so systemd and gridvm-identity generate new ones in each clone; DHCP
   identity follows (networkd's client id is the MAC; its DUID derives from machine-id).
 
-Files: HOME/disks/NAME.qcow2 and HOME/domains/NAME.cfg.
+Templates that have cloud-init (`cloud_init` in image.json) also get the ecosystem's
+standard: a NoCloud seed per clone (`nocloud`), attached read-only.
+
+Files: HOME/disks/NAME.qcow2 (and NAME-seed.iso), HOME/domains/NAME.cfg.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import ipaddress
 import json
 import os
 import stat
+import uuid
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +35,7 @@ from gridvm.errors import ConfigError, Conflict, GridvmError
 from gridvm.host import procs
 from gridvm.images.store import ImageInfo, get_image, write_manifest
 from gridvm.paths import Home
+from gridvm.provision import nocloud
 
 TEMPLATE_MODE = 0o444
 MAX_CLONES = 256
@@ -131,7 +136,7 @@ def plan(name: str, *, count: int = 1, hostname: str | None = None, ip: str | No
         raise ConfigError(f"--count must be 1..{MAX_CLONES}")
     names = [name] if count == 1 else [f"{name}{i}" for i in range(1, count + 1)]
     for n in names:
-        if not NAME_RE.match(n) or n.isdigit():
+        if not NAME_RE.fullmatch(n) or n.isdigit():
             raise ConfigError(f"invalid domain name {n!r}")
     address = None
     if ip is not None:
@@ -149,7 +154,7 @@ def plan(name: str, *, count: int = 1, hostname: str | None = None, ip: str | No
         except ValueError:
             raise ConfigError(f"invalid --gateway {gateway!r}") from None
     for key in guest_vars or {}:
-        if not VAR_RE.match(key):
+        if not VAR_RE.fullmatch(key):
             raise ConfigError(f"invalid guest variable name {key!r}")
     taken = set(used_macs)
     out = []
@@ -167,8 +172,9 @@ def plan(name: str, *, count: int = 1, hostname: str | None = None, ip: str | No
 # ----- files -------------------------------------------------------------------------------
 
 
-def config_text(spec: CloneSpec, template: ImageInfo, disk: Path, machine: Machine) -> str:
-    """The clone's xm config."""
+def config_text(spec: CloneSpec, template: ImageInfo, disk: Path, machine: Machine,
+                seed: Path | None = None) -> str:
+    """The clone's xm config (with its NoCloud seed as a read-only disk, if it has one)."""
     hvm = machine.type == "hvm"
     lines = [
         f"# gridvm clone of template {template.name} ({template.os or template.kind}, "
@@ -178,10 +184,12 @@ def config_text(spec: CloneSpec, template: ImageInfo, disk: Path, machine: Machi
         f"vcpus = {machine.vcpus}",
     ]
     if hvm:
-        lines += ['builder = "hvm"', f"disk = [ 'tap:qcow2:{disk},hda,w' ]",
+        extra = f", 'file:{seed},hdc:cdrom,r'" if seed else ""
+        lines += ['builder = "hvm"', f"disk = [ 'tap:qcow2:{disk},hda,w'{extra} ]",
                   f"vif = [ 'mac={spec.mac}, bridge={machine.bridge}, model=e1000' ]"]
     else:
-        lines += ['bootloader = "pygrub"', f"disk = [ 'tap:qcow2:{disk},xvda,w' ]",
+        extra = f", 'file:{seed},xvdb,r'" if seed else ""
+        lines += ['bootloader = "pygrub"', f"disk = [ 'tap:qcow2:{disk},xvda,w'{extra} ]",
                   f"vif = [ 'mac={spec.mac}, bridge={machine.bridge}' ]"]
     lines.append(f'hostname = "{spec.hostname}"')
     if spec.address is not None:
@@ -211,7 +219,8 @@ class Made:
 
 def check_free(home: Home, specs: list[CloneSpec]) -> None:
     for spec in specs:
-        for path in (home.disks / f"{spec.name}.qcow2", home.domain_configs / f"{spec.name}.cfg"):
+        for path in (home.disks / f"{spec.name}.qcow2", home.disks / f"{spec.name}-seed.iso",
+                     home.domain_configs / f"{spec.name}.cfg"):
             if path.exists():
                 raise Conflict(f"{path} already exists (a clone named {spec.name}?)")
 
@@ -235,8 +244,13 @@ def make_files(home: Home, template: ImageInfo, spec: CloneSpec, machine: Machin
     except procs.CommandError as exc:
         raise GridvmError(f"clone {spec.name}: {exc}") from None
     disk.chmod(stat.S_IRUSR | stat.S_IWUSR)
+    seed = None
+    if template.cloud_init:   # the ecosystem's way for images that have cloud-init
+        seed = home.disks / f"{spec.name}-seed.iso"
+        made.paths.append(seed)
+        nocloud.make_seed(seed, spec, instance_id=f"{spec.name}-{uuid.uuid4()}")
     made.paths.append(cfg)
     fd = os.open(cfg, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     with os.fdopen(fd, "w") as f:
-        f.write(config_text(spec, template, disk, machine))
+        f.write(config_text(spec, template, disk, machine, seed))
     return cfg
