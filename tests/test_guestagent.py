@@ -83,8 +83,9 @@ def test_a_new_connection_skips_what_an_abandoned_one_left(qga: Path) -> None:
 
 
 @contextlib.contextmanager
-def silent_server(path: Path) -> Iterator[None]:
-    """A Unix socket that accepts and never answers (a guest without an agent)."""
+def silent_server(path: Path) -> Iterator[list[socket.socket]]:
+    """A Unix socket that accepts and never answers (a guest without an agent); yields the
+    accepted connections."""
     srv = socket.socket(socket.AF_UNIX)
     srv.bind(str(path))
     srv.listen(1)
@@ -100,7 +101,7 @@ def silent_server(path: Path) -> Iterator[None]:
     t = threading.Thread(target=accept, daemon=True)
     t.start()
     try:
-        yield
+        yield held
     finally:
         stop.set()
         t.join()
@@ -111,11 +112,16 @@ def silent_server(path: Path) -> Iterator[None]:
 
 def test_no_agent_is_an_error_within_the_timeout(tmp_path: Path) -> None:
     sock = tmp_path / "silent.sock"
-    with silent_server(sock):
+    with silent_server(sock) as held:
         started = time.monotonic()
         with pytest.raises(AgentError, match="did not answer"):
             run(GuestAgent(sock, timeout=0.5).connect())
         assert time.monotonic() - started < 3
+        # QEMU serves one client at a time: the failed connection must not stay open
+        assert len(held) == 1
+        held[0].settimeout(2)
+        while held[0].recv(4096):
+            pass
     with pytest.raises(AgentError, match="no guest agent channel"):
         run(GuestAgent(tmp_path / "missing.sock").connect())
     assert not os.path.exists(tmp_path / "missing.sock")

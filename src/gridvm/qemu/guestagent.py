@@ -99,7 +99,12 @@ class GuestAgent:
                 timeout=self.timeout)
         except (OSError, TimeoutError) as exc:
             raise AgentError(f"cannot connect to the guest agent channel: {exc}") from exc
-        await self.sync()
+        try:
+            await self.sync()
+        except BaseException:
+            # QEMU serves one client at a time: a connection left open blocks every later one
+            await self.close()
+            raise
 
     async def close(self) -> None:
         writer, self._writer, self._reader = self._writer, None, None
