@@ -13,6 +13,11 @@ from __future__ import annotations
 
 import os
 import re
+
+# The regex parser, used only to inspect a pattern's structure (typeshed has no stubs for
+# these private modules; the public sre_* aliases are deprecated since Python 3.11).
+import re._constants as sre_constants  # type: ignore[import-not-found]
+import re._parser as sre_parse  # type: ignore[import-not-found]
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,12 +28,6 @@ MAX_SUBJECT = 256
 MAX_REPEATS = 3
 FLAGS = {"I": re.I, "IGNORECASE": re.I}
 
-try:  # Python 3.11+: the regex parser (used only to inspect a pattern's structure)
-    import re._constants as sre_constants
-    import re._parser as sre_parse
-except ImportError:  # pragma: no cover - older Pythons
-    import sre_constants
-    import sre_parse
 
 
 @dataclass(frozen=True)

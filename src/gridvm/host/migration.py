@@ -33,7 +33,7 @@ from typing import Any, Literal, Protocol
 from pydantic import BaseModel, Field, field_validator
 
 from gridvm.config.model import DomainConfig, Path_
-from gridvm.errors import Conflict, GridvmError, NotFound, QemuError
+from gridvm.errors import Conflict, GridvmError, NotFound, PeerUnreachable, QemuError
 from gridvm.host import hostinfo, links, procs
 from gridvm.host.manager import HostManager
 from gridvm.host.vm import Vm
@@ -137,16 +137,8 @@ class IncomingView(BaseModel):
     error: str | None = None
 
 
-class PeerUnreachable(GridvmError):
-    """The destination's gridvmd does not answer."""
-
-    def __init__(self, message: str, *, refused: bool = False) -> None:
-        super().__init__(message)
-        self.refused = refused
-
-
 class Peer(Protocol):
-    """The destination's gridvmd as the source sees it (gridvm.api.relocation implements it)."""
+    """The destination's gridvmd as the source sees it (gridvm.api.hostpeer implements it)."""
 
     address: str
 

@@ -18,7 +18,7 @@ from gridvm.paths import Home
 
 def gridvmd_argv() -> list[str]:
     """How to run gridvmd with this interpreter (works from a venv or a checkout)."""
-    return [sys.executable, "-m", "gridvm.api.daemon"]
+    return [sys.executable, "-m", "gridvm.gridvmd"]
 
 
 class Agent:
