@@ -118,8 +118,8 @@ def gridvm_round(agent: Agent, images: Path, template: str, name: str, ns: str,
         c.post(f"/domains/{name}/destroy")
     finally:
         c.close()
-    return {"clone_s": took_clone, "clone_inside_s": inside, "agent_s": to_agent, "ssh_s": to_ssh, "argv": argv,
-            "boot": boot, "rundir": rundir}
+    return {"clone_s": took_clone, "clone_inside_s": inside, "agent_s": to_agent,
+            "ssh_s": to_ssh, "argv": argv, "boot": boot, "rundir": rundir}
 
 
 def hand_argv(argv: list[str], *, disk: Path, boot: Path, rundir: Path, tmp: Path,
