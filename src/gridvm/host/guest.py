@@ -99,6 +99,8 @@ class Guests:
             return cached.macs
         if not await self.connected(vm):
             return None
+        if vm.agent_lock.locked():   # a guest-exec is running: a listing must not wait for it
+            return cached.macs if cached is not None else {}
         try:
             async with self._agent(vm, timeout=2.0) as ga:
                 interfaces = await ga.interfaces()
