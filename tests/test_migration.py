@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -38,13 +40,15 @@ _pool = ThreadPoolExecutor(max_workers=4)
 @pytest.fixture(scope="module")
 def lab(tiny_image: ImageInfo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabEnv]:
     tmp = tmp_path_factory.mktemp("miglab")
-    (tmp / "hold").mkdir()
+    # The daemons' test gates: outside /tmp, which each lab machine has its own of.
+    hold = Path(tempfile.mkdtemp(prefix="gvhold", dir="/var/tmp"))
     old = os.environ.get(HOLD_ENV)
-    os.environ[HOLD_ENV] = str(tmp / "hold")     # inherited by the lab's daemons
+    os.environ[HOLD_ENV] = str(hold)             # inherited by the lab's daemons
     try:
         with lab_env(tiny_image, tmp) as env:
             yield env
     finally:
+        shutil.rmtree(hold, ignore_errors=True)
         if old is None:
             os.environ.pop(HOLD_ENV, None)
         else:
@@ -277,7 +281,7 @@ def test_copy_storage_moves_the_data_disk(lab: LabEnv) -> None:
     assert lab.http(ip, "/fill?mb=16", timeout=60).startswith("filled 16 MB")
     before = lab.http(ip, "/sum?mb=16", timeout=60)
     # shared storage in the lab: both hosts see the same file, so copying it is refused
-    shared = Path(lab.tmp) / "shared.img"
+    shared = lab.shared / "shared.img"
     procs.run(["qemu-img", "create", "-q", "-f", "raw", str(shared), "8M"])
     boot(lab, "h1", "sharer", 4, f"disk = [ 'file:{shared},xvdb,w' ]")
     assert "is the same file on both hosts" in migrate(
@@ -302,7 +306,7 @@ def test_copy_storage_moves_the_data_disk(lab: LabEnv) -> None:
 def test_save_on_one_host_restore_on_the_other(lab: LabEnv) -> None:
     ip = boot(lab, "h1", "saved", 5)
     boot_id = lab.http(ip, "/bootid")
-    save = Path(lab.tmp) / "saved.save"
+    save = lab.shared / "saved.save"
     lab.gridvm("save", "saved", str(save), host="h1")
     assert running_on(lab, "saved") == []
     out = lab.gridvm("restore", str(save), "--host", f"{lab.name}/h2").stdout
@@ -401,7 +405,7 @@ def test_source_gridvmd_killed_after_the_switch_destination_owns_it(lab: LabEnv)
 
 
 def test_a_copy_that_cannot_converge_is_cancelled_or_auto_converges(lab: LabEnv) -> None:
-    disk = Path(lab.tmp) / "dirty.img"
+    disk = lab.shared / "dirty.img"
     procs.run(["qemu-img", "create", "-q", "-f", "raw", str(disk), "64M"])
     ip = boot(lab, "h1", "dirty", 11, f"disk = [ 'file:{disk},xvdb,w' ]")
     stop = threading.Event()
@@ -436,7 +440,7 @@ def test_second_migration_and_destroy_are_refused_during_a_migration(lab: LabEnv
     fut = migrate_bg(lab, "busy", "h1", "h2", "--live", "--bandwidth", "2")
     wait_for("the copy", lambda: source_job(lab, "h1").get("phase") == "memory")
     for args in (("migrate", "--live", "busy", f"{lab.name}/h2"), ("destroy", "busy"),
-                 ("save", "busy", str(Path(lab.tmp) / "busy.save"))):
+                 ("save", "busy", str(lab.shared / "busy.save"))):
         assert "is busy (migrating to" in lab.fails(*args, host="h1")
     assert lab.gridvm("migrate", "--cancel", "busy", host="h1").stdout.startswith(
         "migration of busy cancelled; it keeps running on this host")

@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException
 
 from gridvm.api import actions
 from gridvm.api.client import AppClient
+from gridvm.api.console import console_routes
 from gridvm.api.limits import BodyLimit
 from gridvm.api.routes_cluster import ClusterRouter, cluster_routes
 from gridvm.api.routes_guest import guest_routes
@@ -143,6 +144,7 @@ def make_app(manager: HostManager, cluster_node: ClusterNode | None = None) -> F
     app.add_middleware(ClusterRouter, node=node)
     app.add_middleware(BodyLimit)           # outermost: before any handler reads a body
     app.include_router(cluster_routes(node, evacuations))
+    app.include_router(console_routes(manager, node))
     m = manager
     app.include_router(resource_routes(m))
     app.include_router(stats_routes(m))
@@ -255,7 +257,8 @@ def make_app(manager: HostManager, cluster_node: ClusterNode | None = None) -> F
     @app.get("/v1/domains/{ref}/console")
     async def console(ref: str) -> dict[str, Any]:
         vm = m.running(ref)
-        return {"socket": str(vm.serial_socket), "log": str(vm.console_log)}
+        return {"socket": str(vm.serial_socket), "log": str(vm.console_log),
+                "stream": f"/v1/domains/{vm.rec.uuid}/console/stream"}
 
     @app.get("/v1/domains/{ref}/dmesg")
     async def dmesg(ref: str, lines: int = 200) -> dict[str, Any]:

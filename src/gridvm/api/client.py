@@ -10,6 +10,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import httpx
+from websockets.sync.client import ClientConnection, unix_connect
+from websockets.sync.client import connect as ws_connect
 
 from gridvm.errors import ConfigError, GridvmError, error_kind
 from gridvm.host import netns
@@ -43,6 +45,7 @@ class Client:
         self.home = home
         self.where = str(home.api_socket)
         self.ns: str | None = None
+        self.tls: ssl.SSLContext | None = None
         self._http = httpx.Client(transport=httpx.HTTPTransport(uds=str(home.api_socket)),
                                   base_url="http://gridvmd", timeout=timeout, headers=headers)
 
@@ -53,11 +56,21 @@ class Client:
         c.home = Home.resolve()
         c.where = url
         c.ns = ns
+        c.tls = tls
         c._http = httpx.Client(base_url=url, verify=tls, timeout=timeout, headers=headers)
         return c
 
     def close(self) -> None:
         self._http.close()
+
+    def websocket(self, path: str) -> ClientConnection:
+        """A websocket to `path` (e.g. a console stream), over the same socket or URL."""
+        if self.tls is None:
+            return unix_connect(self.where, f"ws://gridvmd{path}", open_timeout=10,
+                                max_size=2**20)
+        uri = "wss://" + self.where.removeprefix("https://") + path
+        tls = self.tls
+        return self._run(lambda: ws_connect(uri, ssl=tls, open_timeout=10, max_size=2**20))
 
     def _run(self, fn: Callable[[], T]) -> T:
         return netns.call_in(self.ns, fn) if self.ns else fn()

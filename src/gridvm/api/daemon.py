@@ -51,6 +51,7 @@ class Daemon:
 
     home: Home
     manager: HostManager
+    node: ClusterNode     # cluster membership (consoles of domains on other hosts)
     app: Any              # the FastAPI app (ASGI)
     tasks: Tasks
     tokens: TokenStore
@@ -136,13 +137,22 @@ class TcpListeners:
         self.api_app: Any = None
         self.enroll_app: Any = None
         self._tls: ssl.SSLContext | None = None
+        self._cert: bytes | None = None
+        self._bg: set[asyncio.Task[None]] = set()
         self._servers: list[tuple[SideServer, asyncio.Task[None]]] = []
 
     async def start(self) -> None:
-        if self._servers or self.socks.api is None or self.socks.enroll is None:
+        """Serve with the host's certificate; serve again if it changed (a host that was
+        given a lab's certificate and then made or joined a cluster of its own)."""
+        if self.socks.api is None or self.socks.enroll is None or not self.identity.exists():
             return
-        if not self.identity.exists():
+        cert = self.identity.cert.read_bytes()
+        if self._servers and cert == self._cert:
             return
+        if self._servers:
+            await self.stop()
+            self.socks.rebind()       # the old listening sockets were closed with them
+        self._cert = cert
         self._tls = self.identity.server_context()
         plain = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)      # enrolment: no client certificate
         plain.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -157,6 +167,15 @@ class TcpListeners:
             self._servers.append((server, asyncio.create_task(server.serve(sockets=[sock]))))
         log.info("serving the API on %s (mutual TLS) and enrolment on port %d", self.socks.url,
                  self.socks.port + 1)
+
+    async def start_soon(self) -> None:
+        """`start` in the background (a request arriving over the TCP API must not wait for
+        its own server to be replaced), waiting for it a little."""
+        task = asyncio.create_task(self.start())
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(task), 2)
 
     def reload_crl(self) -> None:
         if self._tls is not None and self.identity.crl.exists():
@@ -184,7 +203,8 @@ async def serve(home: Home, accel: str, socks: Sockets, allow: Allowlist,
     await net.start()  # rebuild networks and reconcile leftovers before domains are adopted
     identity = Files(home).identity
     tcp = TcpListeners(socks, identity)
-    node = ClusterNode(manager, url=socks.url, address=socks.address, on_identity=tcp.start)
+    node = ClusterNode(manager, url=socks.url, address=socks.address,
+                       on_identity=tcp.start_soon)
     peers = ApiPeers(identity, node.url_of)
     node.peers = peers
 
@@ -196,7 +216,7 @@ async def serve(home: Home, accel: str, socks: Sockets, allow: Allowlist,
     services = ServiceManager(manager, ClusterPeers(manager))
     app = make_app(manager, node)
     app.include_router(service_router(services))
-    daemon = Daemon(home, manager, app, app.state.tasks, app.state.tokens)
+    daemon = Daemon(home, manager, node, app, app.state.tasks, app.state.tokens)
     side = [served for part in parts for served in part.attach(daemon)]
     tcp.api_app = PeerGuard(app, allow)
     tcp.enroll_app = enroll_app(node)

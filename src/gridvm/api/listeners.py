@@ -53,6 +53,16 @@ class Sockets:
             if s is not None:
                 s.close()
 
+    def rebind(self) -> None:
+        """Bind the TCP sockets again (a server that stopped closed them)."""
+        if self.address is None:
+            return
+        for s in (self.api, self.enroll):
+            if s is not None:
+                s.close()
+        self.api = _tcp(self.address, self.port)
+        self.enroll = _tcp(self.address, self.port + 1)
+
 
 def _tcp(host: str, port: int) -> socket.socket:
     s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
@@ -132,7 +142,10 @@ class PeerGuard:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         client = scope.get("client") or ("", 0)
-        if scope["type"] == "http" and not self.allow.allows(str(client[0])):
+        if scope["type"] in ("http", "websocket") and not self.allow.allows(str(client[0])):
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 4403})
+                return
             await reply_error(send, 403, f"host {client[0]} is not allowed here "
                                          "(gridvmd --relocation-hosts-allow)")
             return

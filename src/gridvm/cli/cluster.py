@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Any
 
 import typer
@@ -118,6 +119,30 @@ def token(
                f"--ca-hash {res['ca_hash']} --listen ADDR")
     else:
         _print(_join_command(res))
+
+
+@cluster_app.command("witness")
+def witness(
+    server: Annotated[str, typer.Argument(help="a member's gridvmd address, ADDR[:PORT]")],
+    token: Annotated[str, typer.Option("--token", help="from gridvm cluster token --witness")],
+    ca_hash: Annotated[str, typer.Option("--ca-hash", help="sha256:… of the cluster CA")],
+    listen: Annotated[str, typer.Option("--listen", help="this box's address for etcd")],
+    directory: Annotated[str, typer.Option("--dir", help="where the witness keeps its files")]
+    = "/var/lib/gridvm-witness",
+    name: NameOpt = None,
+) -> None:
+    """Make this box the cluster's witness: an etcd member without guests (two hosts and a
+    witness keep quorum through the loss of any one of them). Needs no gridvmd."""
+    from pathlib import Path
+
+    from gridvm.cluster.witness import enlist
+    from gridvm.netaddr import parse_hostport
+
+    address, _ = parse_hostport(listen, 2379)
+    res = enlist(Path(directory).absolute(), server, token, ca_hash, address,
+                 name or f"witness-{os.uname().nodename.split('.')[0]}")
+    _print(f"witness {res['name']} of cluster {res['cluster']}: etcd member at {res['etcd']} "
+           f"(files in {directory})")
 
 
 @cluster_app.command("revoke")

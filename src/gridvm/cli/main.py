@@ -238,8 +238,9 @@ def console(dom: str) -> None:
 def attach_console(dom: str) -> None:
     from gridvm.cli.console import attach
 
-    info = client().get(f"/domains/{q(dom)}/console")
-    attach(Path(info["socket"]))
+    c = client()
+    info = c.get(f"/domains/{q(dom)}/console")
+    attach(c, info.get("stream") or f"/v1/domains/{q(dom)}/console/stream")
 
 
 # ----- information ---------------------------------------------------------------------------

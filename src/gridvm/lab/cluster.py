@@ -24,12 +24,8 @@ from gridvm.cluster.pki import Identity
 from gridvm.cluster.settings import Files
 from gridvm.errors import Conflict
 from gridvm.host import netdevs, netns
-from gridvm.lab import lab, pki
+from gridvm.lab import lab, machine, pki
 from gridvm.paths import Home
-
-
-def shared_dir(state: lab.LabState) -> Path:
-    return Path(state.root) / "shared"
 
 
 def etcd_url(state: lab.LabState) -> str:
@@ -41,7 +37,6 @@ def etcd_url(state: lab.LabState) -> str:
 def start_cluster(state: lab.LabState) -> None:
     """Start etcd in the lab's etcd namespace, set up the cluster there, join every host."""
     assert state.etcd is not None
-    shared_dir(state).mkdir(parents=True, exist_ok=True)
     root = Path(state.root)
     ca = pki.load_ca(root)
     address = state.etcd.address.split("/")[0]
@@ -84,6 +79,7 @@ def poweroff(state: lab.LabState, host: str) -> None:
     h = state.host(host)
     _port(state, host, up=False)
     lab._kill_namespace(h.ns)
+    machine.remove(h.ns)          # a machine powered back on has empty /tmp and /run
     h.pid = None
     lab.save(state)
 

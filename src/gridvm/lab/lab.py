@@ -34,7 +34,7 @@ from gridvm.errors import ConfigError, Conflict, GridvmError, NotFound
 from gridvm.host import netdevs, netns, procs
 from gridvm.host.networks import RUN_ROOT, host_tag
 from gridvm.host.resources import remove_home_groups
-from gridvm.lab import pki
+from gridvm.lab import machine, pki
 from gridvm.lab.agent import Agent
 from gridvm.paths import Home
 
@@ -185,6 +185,7 @@ def up(state: LabState) -> LabState:
     try:
         _make_lan(state)
         Path(state.root).mkdir(parents=True, exist_ok=True)
+        shared_dir(state).mkdir(exist_ok=True)
         pki.make_ca(Path(state.root), state.name)         # the lab holds the cluster CA
         with ThreadPoolExecutor(max_workers=len(state.hosts)) as pool:
             pids = list(pool.map(lambda h: _start_host(state, h, network=True), state.hosts))
@@ -231,9 +232,22 @@ def _host_side(address: str) -> Callable[[], None]:
     return setup
 
 
+def shared_dir(state: LabState) -> Path:
+    """The lab's shared storage (its NFS): the one directory every host sees."""
+    return Path(state.root) / "shared"
+
+
+def _machine(state: LabState, host: LabHost) -> list[str]:
+    """The host's mount namespace (made if missing): the argv prefix that enters it."""
+    machine.create(host.ns, own=[Path(host.home)],
+                   shared=[shared_dir(state), Path(state.images)], hide=Path(state.root))
+    return machine.enter(host.ns)
+
+
 def _agent(state: LabState, host: LabHost) -> Agent:
+    args = _listen(state, host)            # the home and its certificate, before the machine
     return Agent(Path(host.home), ns=host.ns, accel=state.accel, images=Path(state.images),
-                 args=_listen(state, host))
+                 args=args, wrap=_machine(state, host))
 
 
 def _listen(state: LabState, host: LabHost) -> list[str]:
@@ -288,6 +302,8 @@ def down(name: str) -> None:
     for ns in state.namespaces():
         _kill_namespace(ns)
         netns.remove(ns)
+    for h in state.hosts:
+        machine.remove(h.ns)
     for h in state.hosts:
         for kind in ("net", "lb"):      # dnsmasq's and conntrackd's files
             shutil.rmtree(RUN_ROOT / kind / host_tag(Home(Path(h.home))), ignore_errors=True)
@@ -379,8 +395,11 @@ def exec_argv(state: LabState, target: str, cmd: list[str]) -> tuple[list[str], 
         ns = state.client.ns
     else:
         host = state.host(target)
-        ns = host.ns
         env["GRIDVM_HOME"] = host.home
+        env["GRIDVM_IMAGES"] = state.images
+        if not cmd:
+            cmd = [os.environ.get("SHELL", "/bin/sh")]
+        return [*machine.enter(host.ns), *netns.exec_prefix(host.ns), *cmd], env
     if not cmd:
         cmd = [os.environ.get("SHELL", "/bin/sh")]
     return [*netns.exec_prefix(ns), *cmd], env

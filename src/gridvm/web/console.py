@@ -1,7 +1,8 @@
 """Consoles in the browser: a domain's serial console over a websocket (xterm.js).
 
-The websocket is bridged to the domain's serial socket, which the API names
-(`GET /v1/domains/{ref}/console`, routed to the domain's host in a cluster). On connect the
+The websocket is bridged to the domain's console stream (`gridvm.api.console`: the serial
+socket here, or the console websocket of the host that runs the domain, over mutual TLS).
+On connect the
 page first gets the end of the console log, so it opens on what the guest printed last.
 Guest output goes to the browser as binary frames; what the browser sends (typed or pasted
 text) goes to the guest. Like `gridvm console`, one client at a time holds the serial port.
@@ -12,16 +13,16 @@ The graphical console of HVM guests (noVNC over a websocket) will sit beside it 
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 
 from fastapi import APIRouter, HTTPException, WebSocket
 from fastapi.responses import JSONResponse
-from starlette.websockets import WebSocketDisconnect
 
 from gridvm.api.client import AppClient, q
+from gridvm.api.console import bridge, open_console
+from gridvm.cluster.node import ClusterNode
 from gridvm.errors import GridvmError
+from gridvm.host.manager import HostManager
 from gridvm.web.auth import PATH, Gate
 
 log = logging.getLogger("gridvm.web.console")
@@ -30,18 +31,18 @@ BACKLOG_LINES = 40
 CHUNK = 65536
 
 
-def console_routes(api: AppClient, gate: Gate) -> APIRouter:
+def console_routes(api: AppClient, gate: Gate, manager: HostManager,
+                   node: ClusterNode) -> APIRouter:
     r = APIRouter(include_in_schema=False)
 
     @r.websocket(PATH + "/ws/console/{ref}")
     async def serial(ws: WebSocket, ref: str) -> None:
         try:
             gate.console(ws)
-            info = await api.get(f"/domains/{q(ref)}/console")
+            await api.get(f"/domains/{q(ref)}/console")       # running (any host), or 4xx
             backlog = await api.get(f"/domains/{q(ref)}/dmesg",
                                     params={"lines": BACKLOG_LINES})
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_unix_connection(info["socket"]), 5)
+            console = await open_console(manager, node, ref)
         except HTTPException as exc:
             await deny(ws, exc.status_code, str(exc.detail))
             return
@@ -50,7 +51,7 @@ def console_routes(api: AppClient, gate: Gate) -> APIRouter:
             return
         await ws.accept()
         await ws.send_bytes(backlog["text"].replace("\n", "\r\n").encode())
-        await _bridge(ws, reader, writer)
+        await bridge(ws, console)
 
     @r.websocket(PATH + "/ws/vnc/{ref}")
     async def vnc(ws: WebSocket, ref: str) -> None:
@@ -65,34 +66,3 @@ async def deny(ws: WebSocket, status: int, message: str) -> None:
         await ws.send_denial_response(JSONResponse({"error": message}, status_code=status))
     else:
         await ws.close(code=4000 + status, reason=message[:120])
-
-
-async def _bridge(ws: WebSocket, reader: asyncio.StreamReader,
-                  writer: asyncio.StreamWriter) -> None:
-    async def to_browser() -> None:
-        while data := await reader.read(CHUNK):
-            await ws.send_bytes(data)
-
-    async def to_guest() -> None:
-        while True:
-            msg = await ws.receive()
-            if msg["type"] == "websocket.disconnect":
-                return
-            data = msg.get("bytes") or (msg.get("text") or "").encode()
-            writer.write(data)
-            await writer.drain()
-
-    tasks = [asyncio.create_task(to_browser()), asyncio.create_task(to_guest())]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for t in tasks:
-            t.cancel()
-            with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect, OSError,
-                                     RuntimeError):
-                await t
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-        with contextlib.suppress(RuntimeError, OSError):
-            await ws.close(code=1000, reason="console closed")

@@ -102,7 +102,8 @@ class WebPart:
         api = AppClient(daemon.app)
         hub = Hub(api, daemon.manager, daemon.tasks)
         daemon.app.include_router(web_routes(api, hub, daemon.tokens))
-        daemon.app.include_router(console_routes(api, Gate(daemon.tokens)))
+        daemon.app.include_router(console_routes(api, Gate(daemon.tokens), daemon.manager,
+                                                 daemon.node))
         if self.sock is None or self.cert is None:
             return []
         config = uvicorn.Config(ConsoleOnly(daemon.app), lifespan="off", log_level="warning",
