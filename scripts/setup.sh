@@ -12,6 +12,9 @@ APT_PACKAGES=(
   etcd-server etcd-client             # cluster state (gridvm cluster, lab --cluster)
   conntrackd                          # directors mirror their connections (lb/ctsync.py)
   haproxy                             # bench/services.py compares virtual services with it
+  mmdebstrap arch-test fdisk grub-pc-bin  # image builds from recipes (arch-test: --arch i386)
+  qemu-guest-agent                    # tests drive the agent client against a host qemu-ga
+  xorriso                             # cloud-init NoCloud seeds for clones (no mounts)
   python3-venv
   chromium                            # tests/test_web*.py and bench/web.py drive it (Playwright)
 )

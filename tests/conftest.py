@@ -26,3 +26,4 @@ def test_images_dir(tiny_image: ImageInfo) -> Path:
 
 
 from hostlab import host  # noqa: E402,F401  (module fixture: a gridvmd in its own netns)
+from provisionlab import debian_image  # noqa: E402,F401  (session: the Debian test image)

@@ -73,6 +73,16 @@ class Home:
         return Path(env).absolute() if env else self.root / "images"
 
     @property
+    def disks(self) -> Path:
+        """Disks gridvm makes for domains (clones' copy-on-write overlays)."""
+        return self.root / "disks"
+
+    @property
+    def domain_configs(self) -> Path:
+        """Domain config files gridvm writes (clones)."""
+        return self.root / "domains"
+
+    @property
     def daemon_log(self) -> Path:
         return self.logs / "gridvmd.log"
 

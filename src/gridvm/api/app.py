@@ -6,7 +6,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,6 +19,7 @@ from gridvm.api.client import AppClient
 from gridvm.api.console import console_routes
 from gridvm.api.limits import BodyLimit
 from gridvm.api.routes_cluster import ClusterRouter, cluster_routes
+from gridvm.api.routes_guest import guest_routes
 from gridvm.api.routes_migration import migration_routes, migration_service
 from gridvm.api.routes_network import network_router
 from gridvm.api.routes_resources import resource_routes
@@ -74,6 +75,10 @@ class CreateRequest(BaseModel):
 class WaitRequest(BaseModel):
     wait: bool = False
     timeout: float = 120
+
+
+class ShutdownRequest(WaitRequest):
+    agent: Literal["fallback", "only", "never"] = "fallback"
 
 
 class StartRequest(BaseModel):
@@ -143,6 +148,7 @@ def make_app(manager: HostManager, cluster_node: ClusterNode | None = None) -> F
     m = manager
     app.include_router(resource_routes(m))
     app.include_router(stats_routes(m))
+    app.include_router(guest_routes(m))
     app.include_router(migration_routes(migrations, node.url_of))
     tasks, tokens, inproc = Tasks(m.home), TokenStore.of(m.home), AppClient(app)
     app.state.tasks, app.state.tokens = tasks, tokens
@@ -210,8 +216,8 @@ def make_app(manager: HostManager, cluster_node: ClusterNode | None = None) -> F
         return m.view(rec)
 
     @app.post("/v1/domains/{ref}/shutdown")
-    async def shutdown(ref: str, req: WaitRequest) -> dict[str, Any]:
-        await m.shutdown(ref, wait=req.wait, timeout=req.timeout)
+    async def shutdown(ref: str, req: ShutdownRequest) -> dict[str, Any]:
+        await m.shutdown(ref, wait=req.wait, timeout=req.timeout, agent=req.agent)
         return {"ok": True}
 
     @app.post("/v1/domains/{ref}/reboot")

@@ -39,6 +39,7 @@ from gridvm.host.manager import HostManager
 from gridvm.host.networks import NetworkManager
 from gridvm.lb.services import ServiceManager
 from gridvm.paths import Home
+from gridvm.provision.pygrub import PyGrub
 from gridvm.store.sqlite import SqliteStore
 
 log = logging.getLogger("gridvm.api")
@@ -198,6 +199,7 @@ async def serve(home: Home, accel: str, socks: Sockets, allow: Allowlist,
     store = SqliteStore(home.db)
     manager = HostManager(home, store, accel=accel)
     manager.net = net = NetworkManager(home, store)
+    manager.bootloader = PyGrub()
     await net.start()  # rebuild networks and reconcile leftovers before domains are adopted
     identity = Files(home).identity
     tcp = TcpListeners(socks, identity)

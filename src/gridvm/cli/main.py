@@ -12,7 +12,10 @@ from rich.console import Console
 from rich.table import Table
 
 from gridvm.api.client import Client, q
+from gridvm.cli.clone import register as register_clone_verbs
 from gridvm.cli.cluster import cluster_app, host_app
+from gridvm.cli.guest import register as register_guest_verbs
+from gridvm.cli.image import image_app
 from gridvm.cli.lab import lab_app
 from gridvm.cli.migrate import migrate
 from gridvm.cli.network import network_app
@@ -28,9 +31,10 @@ from gridvm.paths import Home
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Xen-style toolstack on QEMU (xm/xl verbs).")
-image_app = typer.Typer(no_args_is_help=True, help="Guest images.")
 app.add_typer(image_app, name="image")
 register_resource_verbs(app)
+register_guest_verbs(app)
+register_clone_verbs(app, image_app)
 app.command("top")(top)
 app.command("migrate")(migrate)
 app.add_typer(network_app, name="network")
@@ -146,9 +150,21 @@ def start(
 
 
 @app.command()
-def delete(dom: str) -> None:
+def delete(dom: str, purge: Annotated[bool, typer.Option(
+        "--purge", help="also remove the disks and config gridvm made for it (clones)")]
+        = False) -> None:
     """Remove a defined domain that is not running."""
-    client().delete(f"/domains/{q(dom)}")
+    c = client()
+    view = c.get(f"/domains/{q(dom)}") if purge else None
+    c.delete(f"/domains/{q(dom)}")
+    if view is not None:
+        home = State.home
+        owned = [Path(d["target"]) for d in view["config"]["disks"]]
+        if view["config"].get("source_file"):
+            owned.append(Path(view["config"]["source_file"]))
+        for path in owned:
+            if path.parent in (home.disks, home.domain_configs):
+                path.unlink(missing_ok=True)
 
 
 Wait = Annotated[bool, typer.Option("-w", "--wait", help="wait until it is done")]
@@ -156,9 +172,15 @@ Timeout = Annotated[float, typer.Option("--timeout", help="seconds to wait with 
 
 
 @app.command()
-def shutdown(dom: str, wait: Wait = False, timeout: Timeout = 120) -> None:
-    """Ask a domain to power off (ACPI power button)."""
-    client(timeout + 10).post(f"/domains/{q(dom)}/shutdown", {"wait": wait, "timeout": timeout})
+def shutdown(dom: str, wait: Wait = False, timeout: Timeout = 120,
+             agent: Annotated[str, typer.Option(
+                 "--agent", help="fallback: ask the guest agent if ACPI is ignored (30 s); "
+                 "only: ask the agent at once; never")] = "fallback") -> None:
+    """Ask a domain to power off (ACPI power button; the guest agent if ACPI is ignored)."""
+    if agent not in ("fallback", "only", "never"):
+        raise ConfigError(f"--agent {agent!r}: expected fallback, only or never")
+    client(timeout + 10).post(f"/domains/{q(dom)}/shutdown",
+                              {"wait": wait, "timeout": timeout, "agent": agent})
 
 
 @app.command()
@@ -320,39 +342,6 @@ def dmesg(dom: str, lines: Annotated[int, typer.Option("-n")] = 200) -> None:
 def log(lines: Annotated[int, typer.Option("-n")] = 200) -> None:
     """The gridvmd log."""
     sys.stdout.write(client().get("/log", params={"lines": lines})["text"] + "\n")
-
-
-# ----- images --------------------------------------------------------------------------------
-
-
-@image_app.command("build")
-def image_build(name: Annotated[str, typer.Argument(help="recipe")] = "tiny",
-                force: Annotated[bool, typer.Option("--force")] = False) -> None:
-    """Build a guest image into the image store (idempotent)."""
-    from gridvm.images.tiny import build_tiny
-
-    if name != "tiny":
-        raise GridvmError(f"unknown image recipe {name!r} (known: tiny)")
-    State.home.images.mkdir(parents=True, exist_ok=True)
-    with err.status("building the tiny guest image") as status:
-        img = build_tiny(State.home.images, force=force,
-                         log=lambda msg: status.update(f"tiny: {msg}"))
-    out.print(f"tiny: kernel {img.kernel}, ramdisk {img.ramdisk}, disk {img.disk}",
-              highlight=False)
-
-
-@image_app.command("list")
-def image_list(as_json: JsonOpt = False) -> None:
-    """List images in the store."""
-    from gridvm.images.store import list_images
-
-    images = [i.to_json() for i in list_images(State.home.images)]
-    if as_json:
-        emit_json(images)
-        return
-    for i in images:
-        out.print(f"{i['name']}: kernel={i['kernel']} ramdisk={i['ramdisk']} disk={i['disk']}",
-                  highlight=False)
 
 
 @app.command()

@@ -21,6 +21,7 @@ HaPolicy = Literal["restart", "best-effort", "off"]
 
 MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+VAR_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 VDEV_RE = re.compile(r"(?:xvd|hd|sd|vd)[a-z]{1,3}\d{0,3}")
 IFNAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 HOSTNAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}")
@@ -237,6 +238,12 @@ class DomainConfig(Strict):
     ha: HaParams = Field(default_factory=HaParams)
     serial: Text = "pty"
     boot: str = Field(default="c", pattern=r"^[acdn]{1,4}$")
+    bootloader: Literal["pygrub"] | None = Field(
+        default=None, description="pygrub: boot the kernel the first disk's GRUB "
+        "configuration names (PV domains)")
+    bootloader_args: list[Text] = Field(default_factory=list, max_length=16)
+    guest_vars: dict[str, str] = Field(default_factory=dict, description="KEY=VALUE settings "
+                                       "for the guest (SMBIOS OEM strings gridvm.var.KEY)")
     source_file: Path_ | None = None
     source_format: Literal["xm", "xl", "api"] = "api"
 
@@ -244,6 +251,16 @@ class DomainConfig(Strict):
     @classmethod
     def _name(cls, v: str) -> str:
         check_name(v)
+        return v
+
+    @field_validator("guest_vars")
+    @classmethod
+    def _guest_vars(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            if not VAR_RE.fullmatch(key):
+                raise ValueError(f"invalid guest variable name {key!r} (letters, digits, _)")
+            if len(value) > 1024 or any(ord(c) < 32 for c in value):
+                raise ValueError(f"guest variable {key}: value too long or not one line")
         return v
 
     @field_validator("uuid")

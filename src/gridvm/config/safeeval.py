@@ -11,9 +11,11 @@ the tree itself. What a config may contain:
 * expressions: literals, lists, tuples, dicts, names, f-strings, `+ - * / // % **`,
   `%` formatting, comparisons, `and/or/not`, `x if c else y`, subscripts and slices, list
   comprehensions, and calls of `int str float bool len range max min abs list`, of functions
-  the file defines, and of `xm_vars.var`, `xm_vars.check`, `xm_vars.env.get`.
+  the file defines, and of `xm_vars.var`, `xm_vars.check`, `xm_vars.env.get`;
+* `import os, re` at the top level, as in Xen's examples: the names get stand-ins that answer
+  `os.uname()`, `re.search()` and `re.match()` (`gridvm.config.xmsandbox`), nothing more.
 
-Everything else (`import`, other attribute access, dunder names, `lambda`, loops, unknown
+Everything else (any other `import`, other attribute access, dunder names, `lambda`, loops, unknown
 calls such as `open` or `exec`) is a `ConfigError` naming file:line. Evaluation is bounded in
 steps, call depth, value size (characters plus elements) and integer size, so a hostile file
 cannot hang or exhaust the reader.
@@ -33,6 +35,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, NoReturn
 
+from gridvm.config import xmsandbox
 from gridvm.errors import ConfigError
 
 __all__ = [
@@ -416,11 +419,22 @@ class _Evaluator:
             raise _Return(None if stmt.value is None else self.eval(stmt.value, scope))
         elif isinstance(stmt, ast.Raise):
             self.raise_(stmt, scope)
+        elif isinstance(stmt, ast.Import) and not in_function:
+            self.import_(stmt, scope)
         elif isinstance(stmt, ast.Import | ast.ImportFrom):
-            self.reject("'import' is not allowed in config files (they are read as data)", stmt)
+            self.reject("'import' is not allowed here (only 'import os, re' at the top level, "
+                        "answered by gridvm)", stmt)
         else:
             what = _STATEMENT_NAMES.get(type(stmt), f"'{type(stmt).__name__}' statements")
             self.reject(f"{what} are not allowed in config files", stmt)
+
+    def import_(self, stmt: ast.Import, scope: list[dict[str, object]]) -> None:
+        """`import os, re` as in Xen's examples: the names get gridvm's stand-ins."""
+        for alias in stmt.names:
+            if alias.name not in xmsandbox.MODULES:
+                self.reject(f"'import {alias.name}' is not allowed in config files (they are "
+                            "read as data; only 'import os, re' is understood)", stmt)
+            scope[0][alias.asname or alias.name] = xmsandbox.SandboxModule(alias.name)
 
     def assign(self, target: ast.expr, value: object, scope: list[dict[str, object]],
                stmt: ast.stmt) -> None:
@@ -641,6 +655,16 @@ class _Evaluator:
         if (isinstance(node.value, ast.Attribute) and node.attr == "get"
                 and self.attribute(node.value, scope) is _ENV):
             return _Method("env.get")
+        bound = isinstance(node.value, ast.Name) and any(node.value.id in f for f in scope)
+        if bound or isinstance(node.value, ast.Call):
+            base = self.eval(node.value, scope)
+            found: object | None = None
+            if isinstance(base, xmsandbox.SandboxModule):
+                found = xmsandbox.module_attr(base, node.attr)
+            elif isinstance(base, xmsandbox.MatchResult):
+                found = base.attr(node.attr)
+            if found is not None:
+                return found
         self.reject(f"attribute access '{dotted}' is not allowed in config files", node)
 
     def fstring(self, node: ast.JoinedStr, scope: list[dict[str, object]]) -> object:
@@ -760,6 +784,13 @@ class _Evaluator:
             return self.new(result, node)
         if isinstance(target, _Method):
             return self.xm_vars_call(target.name, args, kwargs, node)
+        if isinstance(target, xmsandbox.SandboxFunction):
+            self.charge(node, *args)
+            try:
+                result = target.fn(*args, **kwargs)
+            except (ValueError, TypeError, IndexError, re.error) as exc:
+                self.fail(f"{target.name}(): {exc}", node)
+            return self.new(result, node)
         self.fail(f"{type(target).__name__} object is not callable", node)
 
     def check_range(self, args: list[object], node: ast.AST) -> None:

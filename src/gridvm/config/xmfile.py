@@ -26,7 +26,8 @@ Variables (`gridvm create web.cfg vmid=3`) are names visible to the file (string
 Keys read: name uuid memory maxmem vcpus cpus builder type kernel ramdisk root extra cmdline
 disk vif ip netmask gateway hostname dhcp on_poweroff on_reboot on_crash restart (xm's
 deprecated onreboot/always/never) cpu_weight cpu_cap weight cap serial boot ha ha_priority
-ha_group hosts. `IGNORED_KEYS` are accepted silently
+ha_group hosts bootloader bootloader_args (bootargs) guest_vars; a PV-GRUB `kernel`
+(pv-grub-*.gz) becomes pygrub with `extra` as its menu.lst. `IGNORED_KEYS` are accepted silently
 (display, firmware and platform switches QEMU decides for itself); `UNSUPPORTED_KEYS` are
 ignored with a warning saying why. Any other key a file assigns and never reads gets the
 warning "file:line: unknown key 'x' ignored"; names the file reads (helper variables) do not.
@@ -44,6 +45,7 @@ from typing import Literal, NoReturn, TypeVar, get_args
 
 from pydantic import BaseModel, ValidationError
 
+from gridvm.config.bootargs import parse_boot_args
 from gridvm.config.model import (
     Action,
     Actions,
@@ -84,17 +86,13 @@ class LoadResult:
 
 
 IGNORED_KEYS = frozenset({
-    # display and input
-    "vfb", "vnc", "vncviewer", "vncconsole", "vnclisten", "vncdisplay", "vncunused",
-    "vncpasswd", "sdl", "opengl", "display", "xauthority", "keymap", "nographic", "monitor",
-    "stdvga", "vga", "videoram", "vkb", "usb", "usbdevice", "soundhw", "spice", "spicehost",
-    "spiceport", "spicetls_port", "spicedisable_ticketing", "spicepasswd", "spiceagent_mouse",
-    "spicevdagent", "spice_clipboard_sharing", "spiceusbredirection",
-    # firmware, device model and platform switches
+    # display and input settings that need no display (the console is serial)
+    "display", "xauthority", "keymap", "nographic", "monitor", "vkb", "usb", "usbdevice",
+    "soundhw",
+    # firmware and platform switches
     "acpi", "acpi_s3", "acpi_s4", "apic", "pae", "hap", "hpet", "viridian", "timer_mode",
-    "vpt_align", "localtime", "rtc_timeoffset", "tsc_mode", "nx", "device_model",
-    "device_model_version", "device_model_override", "device_model_stubdomain_override",
-    "firmware", "bios", "firmware_override", "shadow_memory", "xen_platform_pci",
+    "vpt_align", "localtime", "rtc_timeoffset", "tsc_mode", "nx", "firmware", "bios",
+    "firmware_override", "shadow_memory", "xen_platform_pci",
     "xen_extended_power_mgmt", "pci_msitranslate", "pci_power_mgmt", "e820_host",
     "superpages", "s3_integrity", "vhpt", "guest_os_type", "max_grant_frames",
     "max_maptrack_frames", "max_event_channels", "claim_mode", "driver_domain",
@@ -103,14 +101,20 @@ IGNORED_KEYS = frozenset({
     "blkif", "netif", "tpmif", "features",
 })
 
-_NO_BOOTLOADER = "bootloader is not supported: PV domains boot the kernel given by 'kernel'"
 _NO_PASSTHROUGH = "device passthrough is not supported"
 _NO_DEVICE = "this device type is not supported"
 _NO_HOTPLUG = "vcpu hotplug is not supported: the domain gets 'vcpus' CPUs"
+_NO_DISPLAY = "there is no graphical console (gridvm console gives the serial one)"
+_OWN_QEMU = "gridvm runs and configures QEMU itself"
 UNSUPPORTED_KEYS: Mapping[str, str] = {
-    "bootloader": _NO_BOOTLOADER,
-    "bootloader_args": _NO_BOOTLOADER,
-    "bootargs": _NO_BOOTLOADER,
+    **dict.fromkeys(
+        ("vfb", "vnc", "vncviewer", "vncconsole", "vnclisten", "vncdisplay", "vncunused",
+         "vncpasswd", "sdl", "opengl", "stdvga", "vga", "videoram", "spice", "spicehost",
+         "spiceport", "spicetls_port", "spicedisable_ticketing", "spicepasswd",
+         "spiceagent_mouse", "spicevdagent", "spice_clipboard_sharing", "spiceusbredirection"),
+        _NO_DISPLAY),
+    **dict.fromkeys(("device_model", "device_model_version", "device_model_override",
+                     "device_model_stubdomain_override"), _OWN_QEMU),
     **dict.fromkeys(
         ("pci", "ioports", "iomem", "irqs", "dtdev", "gfx_passthru", "usbctrl", "usbdev",
          "vscsi", "rdm"), _NO_PASSTHROUGH),
@@ -140,6 +144,8 @@ UNSUPPORTED_KEYS: Mapping[str, str] = {
     "access_control": "security labels are not supported",
 }
 
+_BOOTLOADER = re.compile(r"(py|pv)-?grub|domUloader")
+_PVGRUB = re.compile(r"^(pv-?grub.*|grub-.*xen.*)$")
 _MAX_MIB = 16 << 20
 MAX_CONFIG_BYTES = 4 * 1_000_000  # the evaluator's 1,000,000 characters, UTF-8 at worst
 _MAX_CAP = 6400
@@ -264,7 +270,7 @@ def parse_bytes(text: str) -> int:
 _VDEV = re.compile(r"(?:xvd|hd|sd|vd)[a-z]{1,3}\d{0,3}")
 _FORMATS = {"raw": "raw", "qcow2": "qcow2", "aio": "raw", "sync": "raw"}
 _UNSUPPORTED_FORMATS = {"qcow", "vhd", "qed", "ram", "vmdk"}
-_TRANSPORTS = {"file", "tap", "tap2", "tapdisk", "phy"}
+_TRANSPORTS = {"file", "tap", "tap2", "tapdisk", "phy", "ioemu"}
 _DISK_FLAGS = {"cdrom", "discard", "no-discard", "direct-io-safe", "colo"}
 _DISK_IGNORED = {"backendtype", "backend", "script", "discard", "no-discard",
                  "direct-io-safe", "specification", "trusted", "untrusted"}
@@ -336,11 +342,12 @@ def parse_disk(spec: str, warnings: list[str] | None = None) -> DiskSpec | None:
         else:
             positional.append(item)
     # Positional items: xl's `target, format, vdev, access` when the second item is a format
-    # name (or empty, of four); otherwise xm's `target, vdev, access[, backend domain]`.
+    # name or empty (xl's default format: `/root/image.iso,,hdc,cdrom`); otherwise xm's
+    # `target, vdev, access[, backend domain]` (an empty *target* is xm's empty CD-ROM).
     names = ["target", "vdev", "access", "backend"]
     if len(positional) >= 2 and (
         positional[1].lower() in (*_FORMATS, *_UNSUPPORTED_FORMATS, "empty")
-        or (positional[1] == "" and len(positional) == 4)
+        or (positional[1] == "" and (positional[0] != "" or len(positional) == 4))
     ):
         names = ["target", "format", "vdev", "access"]
     if len(positional) > len(names):
@@ -686,6 +693,42 @@ class _Reader:
             self.bad(key, value, "expected boot devices from 'acdn', e.g. 'c' or 'dc'")
         self.set(key, "boot", value)
 
+    def k_bootloader(self, key: str, value: object) -> None:
+        if not isinstance(value, str):
+            self.bad(key, value, "expected a path such as '/usr/bin/pygrub'")
+        base = os.path.basename(value.strip())
+        if not _BOOTLOADER.search(base):
+            self.bad(key, value, "gridvm's boot loader is pygrub (bootloader = 'pygrub')")
+        self.set(key, "bootloader", "pygrub")
+
+    def k_bootloader_args(self, key: str, value: object) -> None:
+        try:
+            args = _str_list(value)
+        except ValueError as exc:
+            self.bad(key, value, str(exc))
+        try:
+            parse_boot_args(args)
+        except ConfigError as exc:
+            self.fail(key, str(exc))
+        given = self.fields.get("bootloader_args")
+        self.set(key, "bootloader_args", [*(given if isinstance(given, list) else []), *args])
+
+    def k_guest_vars(self, key: str, value: object) -> None:
+        items: dict[str, str] = {}
+        pairs: list[tuple[object, object]]
+        if isinstance(value, dict):
+            pairs = list(value.items())
+        else:
+            try:
+                pairs = [(v.partition("=")[0], v.partition("=")[2]) for v in _str_list(value)]
+            except ValueError:
+                self.bad(key, value, "expected {'NAME': 'VALUE'} or ['NAME=VALUE']")
+        for name, val in pairs:
+            if not isinstance(name, str) or not isinstance(val, str | int):
+                self.bad(key, value, "names and values are strings")
+            items[name] = str(val)
+        self.set(key, "guest_vars", items)
+
     def k_ha(self, key: str, value: object) -> None:
         if key == "ha":
             if isinstance(value, bool | int) and value in (0, 1):
@@ -720,6 +763,23 @@ class _Reader:
         kernel = self.fields.get("kernel")
         if dtype == "hvm" and isinstance(kernel, str) and os.path.basename(kernel) == "hvmloader":
             del self.fields["kernel"]  # xm's HVM firmware loader: SeaBIOS takes its place
+        elif dtype != "hvm" and isinstance(kernel, str) and _PVGRUB.match(
+                os.path.basename(kernel)):
+            # PV-GRUB: a GRUB built as a PV kernel, `extra` names its menu.lst. pygrub does
+            # the same job from the host.
+            del self.fields["kernel"]
+            self.fields.pop("ramdisk", None)
+            self.fields["bootloader"] = "pygrub"
+            menu = self.fields.pop("extra", None)
+            if isinstance(menu, str) and menu.strip():
+                given = self.fields.get("bootloader_args")
+                self.fields["bootloader_args"] = [
+                    *(given if isinstance(given, list) else []), f"--config={menu.strip()}"]
+        if dtype == "hvm" and self.fields.get("bootloader"):
+            self.warn("bootloader", "bootloader ignored: HVM domains boot from their disk "
+                      "through the firmware")
+            self.fields.pop("bootloader")
+            self.fields.pop("bootloader_args", None)
         if "name" not in self.fields:
             raise ConfigError("missing required key 'name'", file=self.filename)
         self.fields["actions"] = self.sub_all(Actions, self.actions)
@@ -748,7 +808,8 @@ class _Reader:
         if handler is not None:
             if value is not None:
                 handler(self, key, value)
-        elif key in UNSUPPORTED_KEYS and value not in (None, "", []):
+        elif key in UNSUPPORTED_KEYS and value not in (None, "", [], 0, False):
+            # (a switch turned off, such as Xen's `sdl=0`, asks for nothing)
             self.warn(key, f"{key} ignored: {UNSUPPORTED_KEYS[key]}")
         # IGNORED_KEYS are dropped silently; unknown keys are reported by _parse.
 
@@ -776,6 +837,9 @@ _HANDLERS: dict[str, Callable[[_Reader, str, object], None]] = {
     "serial": _Reader.k_serial,
     "boot": _Reader.k_boot,
     **dict.fromkeys(("ha", "ha_priority", "ha_group", "hosts"), _Reader.k_ha),
+    "bootloader": _Reader.k_bootloader,
+    **dict.fromkeys(("bootloader_args", "bootargs"), _Reader.k_bootloader_args),
+    "guest_vars": _Reader.k_guest_vars,
 }
 KNOWN_KEYS = frozenset(_HANDLERS)
 

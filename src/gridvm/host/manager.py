@@ -22,9 +22,12 @@ from gridvm.config.macs import assign_macs
 from gridvm.config.model import DomainConfig, Sched, VifSpec, check_name
 from gridvm.errors import ConfigError, Conflict, GridvmError, NotFound, QemuError
 from gridvm.host import hostinfo, links, procs, savefile
+from gridvm.host.boot import BootLoader, NoBootLoader, uses_bootloader, with_placeholder_kernel
+from gridvm.host.guest import Guests
 from gridvm.host.resources import Resources, validate_sched, vif_index
 from gridvm.host.stats import Sampler
 from gridvm.host.vm import Vm, qemu_taps, release
+from gridvm.images.store import template_of
 from gridvm.paths import Home
 from gridvm.qemu import accel as accelmod
 from gridvm.qemu.argv import build_argv
@@ -49,6 +52,10 @@ class NetPlug(Protocol):
 
     async def domain_stopped(self, rec: DomainRecord) -> None: ...
 
+    async def leases(self, rec: DomainRecord) -> dict[str, str]:
+        """MAC -> address of the DHCP leases the domain's vifs hold (NAT networks)."""
+        ...
+
 
 class PlainBridges:
     """Without a network layer: `bridge=` names a Linux bridge, created if missing."""
@@ -61,6 +68,9 @@ class PlainBridges:
 
     async def domain_stopped(self, rec: DomainRecord) -> None:
         return None
+
+    async def leases(self, rec: DomainRecord) -> dict[str, str]:
+        return {}
 
 
 class HostManager:
@@ -75,8 +85,10 @@ class HostManager:
         self.vms: dict[str, Vm] = {}          # by uuid
         self._create_lock = asyncio.Lock()
         self.net: NetPlug = PlainBridges()
+        self.bootloader: BootLoader = NoBootLoader()
         self.res = Resources(home)
         self.stats = Sampler(self)            # usage counters for top, /v1/stats, /metrics
+        self.guests = Guests(self)            # guest agent: exec, addresses, fsfreeze
 
     # ----- lifecycle of the manager ---------------------------------------------------------
 
@@ -96,6 +108,7 @@ class HostManager:
     async def close(self) -> None:
         """Stop watching; guests keep running (the next gridvmd re-adopts them)."""
         await self.stats.close()
+        await self.guests.close()
         for vm in list(self.vms.values()):
             await vm.detach()
         self.vms.clear()
@@ -248,6 +261,10 @@ class HostManager:
         for d in cfg.disks:
             if not Path(d.target).exists():
                 raise NotFound(f"domain {cfg.name}: disk {d.vdev} {d.target} does not exist")
+            template = template_of(self.home.images, d.target) if d.mode == "w" else None
+            if template is not None:
+                raise Conflict(f"domain {cfg.name}: disk {d.vdev} is the read-only template "
+                               f"{template}; boot a clone (gridvm clone {template} NAME)")
         hostinfo.check_memory(cfg.memory)
 
     async def _launch(self, rec: DomainRecord, *, paused: bool = False,
@@ -258,10 +275,10 @@ class HostManager:
         domid = self.store.next_domid()
         rundir = self.home.run / str(domid)
         taps = [v.vifname or f"vif{domid}.{i}" for i, v in enumerate(cfg.vifs)]
-        argv = build_argv(self.qemu, cfg, accel=self.accel, rundir=rundir, taps=taps,
-                          incoming=incoming)
-        if paused and not incoming:
-            argv.append("-S")
+        # pygrub domains get their argv once the boot loader has found the kernel (below);
+        # built here first, it checks everything else before anything is acquired.
+        argv = build_argv(self.qemu, with_placeholder_kernel(cfg), accel=self.accel,
+                          rundir=rundir, taps=taps, incoming=incoming)
         # Intent first: a crash from here on is reconciled by the next gridvmd (the planned
         # taps are released by name, and only if they carry this home's tag).
         rec.domid, rec.taps, rec.state, rec.accel = domid, list(taps), "dying", self.accel
@@ -273,6 +290,12 @@ class HostManager:
         try:
             shutil.rmtree(rundir, ignore_errors=True)
             rundir.mkdir(parents=True)
+            if uses_bootloader(cfg):   # pygrub: the kernel from its own disk
+                booted = await asyncio.to_thread(self.bootloader.boot, cfg, rundir)
+                argv = build_argv(self.qemu, booted, accel=self.accel, rundir=rundir,
+                                  taps=taps, incoming=incoming)
+            if paused and not incoming:
+                argv.append("-S")
             for tap, vif in zip(taps, cfg.vifs, strict=True):
                 bridge = await self.net.bridge_for(vif)
                 await asyncio.to_thread(links.create_tap, tap, bridge, None, self.home.tag)
@@ -404,6 +427,7 @@ class HostManager:
     async def _teardown(self, vm: Vm, *, reason: str) -> None:
         """Stop QEMU, free taps and files, and retire the record."""
         vm.rec.state = "dying"
+        self.guests.forget(vm.rec.uuid)
         await vm.stop_process()
         await self.res.release(vm.rec)
         await vm.release_resources()
@@ -430,9 +454,17 @@ class HostManager:
 
     # ----- verbs --------------------------------------------------------------------------
 
-    async def shutdown(self, ref: str, *, wait: bool = False, timeout: float = 120) -> None:
+    async def shutdown(self, ref: str, *, wait: bool = False, timeout: float = 120,
+                       agent: str = "fallback") -> None:
+        """ACPI power button; `agent`: fallback (ask the guest agent if ACPI is ignored for
+        a while), only (ask the agent straight away) or never."""
         async with self.operation(ref, "shutdown") as vm:
-            await vm.monitor.execute("system_powerdown")
+            if agent == "only":
+                await self.guests.shutdown(ref)
+            else:
+                await vm.monitor.execute("system_powerdown")
+                if agent == "fallback":
+                    self.guests.fallback_after_acpi(vm, min(30.0, timeout / 2))
         if wait:
             await self._wait(vm.gone, timeout, f"domain {vm.name} did not shut down")
 
@@ -666,13 +698,15 @@ class HostManager:
     # ----- views --------------------------------------------------------------------------
 
     async def live_view(self, rec: DomainRecord) -> dict[str, Any]:
-        """`view` plus what only the running QEMU knows (the balloon's actual size)."""
+        """`view` plus what only the running domain knows: the balloon's actual size, and
+        the guest's addresses (its agent, else its DHCP leases)."""
         data = self.view(rec)
         vm = self.vms.get(rec.uuid)
         if vm is not None:
             actual = await self.res.current_memory(vm)
             if actual is not None:
                 data["memory"] = actual
+            await self.guests.annotate(data, vm, lambda: self.net.leases(rec))
         return data
 
     def view(self, rec: DomainRecord) -> dict[str, Any]:

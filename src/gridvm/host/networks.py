@@ -409,6 +409,16 @@ class NetworkManager:
         """A domain that will not come back (not managed) gives its addresses back."""
         await self._domain_changed(rec, forget=not rec.managed)
 
+    async def leases(self, rec: DomainRecord) -> dict[str, str]:
+        """MAC -> address of the leases dnsmasq handed the domain's vifs (NAT networks)."""
+        macs = {v.mac for v in rec.config.vifs if v.mac}
+        out: dict[str, str] = {}
+        for net in self._nats_of(rec):
+            for lease in self._dnsmasq(net).leases():
+                if lease.mac.lower() in macs:
+                    out[lease.mac.lower()] = lease.ip
+        return out
+
     async def _domain_changed(self, rec: DomainRecord, *, forget: bool) -> None:
         async with self._lock:
             nats = self._nats_of(rec)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from gridvm.errors import GridvmError
@@ -21,11 +23,16 @@ def _tail(text: str, lines: int = 3) -> str:
 
 
 def run(argv: Sequence[str], *, timeout: float = 60, input: bytes | None = None,
-        check: bool = True, cwd: str | Path | None = None) -> subprocess.CompletedProcess[bytes]:
-    """Run a command to completion; raise CommandError (with stderr's tail) on failure."""
+        check: bool = True, cwd: str | Path | None = None,
+        env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+    """Run a command to completion; raise CommandError (with stderr's tail) on failure.
+
+    `env` adds to (or overrides) this process's environment.
+    """
+    full_env = None if env is None else {**os.environ, **env}
     try:
         proc = subprocess.run(list(argv), input=input, capture_output=True, timeout=timeout,
-                              cwd=cwd, check=False)
+                              cwd=cwd, check=False, env=full_env)
     except subprocess.TimeoutExpired as exc:
         raise CommandError(f"{argv[0]} timed out after {timeout:.0f}s") from exc
     except FileNotFoundError as exc:
@@ -34,6 +41,51 @@ def run(argv: Sequence[str], *, timeout: float = 60, input: bytes | None = None,
         err = _tail(proc.stderr.decode(errors="replace") or proc.stdout.decode(errors="replace"))
         raise CommandError(f"{Path(argv[0]).name} failed (exit {proc.returncode}): {err}")
     return proc
+
+
+def stream(argv: Sequence[str], on_line: Callable[[str], None], *, timeout: float = 600,
+           env: Mapping[str, str] | None = None, cwd: str | Path | None = None) -> None:
+    """Run a long command, handing each output line (stdout and stderr) to `on_line`.
+
+    Raises CommandError with the output's tail on failure or after `timeout` seconds (the
+    command's whole process group is killed then).
+    """
+    full_env = None if env is None else {**os.environ, **env}
+    try:
+        proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, env=full_env, cwd=cwd,
+                                start_new_session=True)
+    except FileNotFoundError as exc:
+        raise CommandError(f"{argv[0]} not found: install it (scripts/setup.sh)") from exc
+    assert proc.stdout is not None
+    tail: list[str] = []
+    timer = threading.Timer(timeout, lambda: _kill_group(proc.pid))
+    timer.start()
+    try:
+        for raw in proc.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            tail = [*tail[-19:], line]
+            on_line(line)
+        code = proc.wait()
+    except BaseException:
+        _kill_group(proc.pid)
+        proc.wait()
+        raise
+    finally:
+        timer.cancel()
+        proc.stdout.close()
+    if code != 0:
+        if code == -signal.SIGKILL:
+            raise CommandError(f"{Path(argv[0]).name} killed (timeout {timeout:.0f}s?): "
+                               + _tail("\n".join(tail)))
+        errors = [t for t in tail if t.startswith(("E:", "Error", "error"))] or tail
+        raise CommandError(f"{Path(argv[0]).name} failed (exit {code}): "
+                           + _tail("\n".join(errors)))
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 async def arun(argv: Sequence[str], *, timeout: float = 60, input: bytes | None = None,

@@ -54,6 +54,7 @@ class Vm:
         self.firmware_reset_until = 0.0      # see _classify
         self.gone = asyncio.Event()          # set when the QEMU has been torn down
         self.restarted = asyncio.Event()     # set on every automatic restart
+        self.agent_lock = asyncio.Lock()     # the agent's socket takes one client at a time
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -63,6 +64,10 @@ class Vm:
     @property
     def serial_socket(self) -> Path:
         return self.rundir / "serial.sock"
+
+    @property
+    def agent_socket(self) -> Path:
+        return self.rundir / "qga.sock"
 
     @property
     def console_log(self) -> Path:

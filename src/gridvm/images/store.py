@@ -23,6 +23,9 @@ class ImageInfo:
 
     `hvm_kernel`/`hvm_ramdisk` are the kernel and initramfs inside `disk` (the
     generic kernel with emulated-device drivers), usable for direct boot too.
+    Built and imported systems (`kind` debian/import) boot from `disk` (GRUB; or through
+    pygrub) and export their kernel for PV direct boot with `root` (e.g. `UUID=…`);
+    a `template` is read-only: domains use it through copy-on-write clones.
     """
 
     name: str
@@ -35,17 +38,32 @@ class ImageInfo:
     kernel_version: str = ""
     hvm_kernel_version: str = ""
     recipe: str = ""
+    kind: str = "tiny"
+    arch: str = "amd64"
+    disk_format: str = "raw"
+    root: str = ""
+    os: str = ""
+    template: bool = False
+    agent: bool = False
+    cloud_init: bool = False
+    virtual_size: int = 0
 
-    def to_json(self) -> dict[str, str | None]:
-        """The stable summary: name and absolute paths."""
-        return {
+    def to_json(self) -> dict[str, Any]:
+        """The stable summary: name and absolute paths (plus what a system image is)."""
+        out: dict[str, Any] = {
             "name": self.name,
             "kernel": str(self.kernel),
             "ramdisk": str(self.ramdisk),
             "disk": str(self.disk) if self.disk is not None else None,
         }
+        if self.kind != "tiny":
+            out.update(kind=self.kind, arch=self.arch, format=self.disk_format, os=self.os,
+                       root=self.root, template=self.template, agent=self.agent,
+                       cloud_init=self.cloud_init, virtual_size=self.virtual_size,
+                       cmdline=self.cmdline)
+        return out
 
-    def manifest(self) -> dict[str, str | None]:
+    def manifest(self) -> dict[str, Any]:
         """image.json content: file names relative to the image directory."""
 
         def rel(p: Path | None) -> str | None:
@@ -62,6 +80,15 @@ class ImageInfo:
             "kernel_version": self.kernel_version,
             "hvm_kernel_version": self.hvm_kernel_version,
             "recipe": self.recipe,
+            "kind": self.kind,
+            "arch": self.arch,
+            "disk_format": self.disk_format,
+            "root": self.root,
+            "os": self.os,
+            "template": self.template,
+            "agent": self.agent,
+            "cloud_init": self.cloud_init,
+            "virtual_size": self.virtual_size,
         }
 
 
@@ -99,6 +126,11 @@ def load_image(image_dir: Path) -> ImageInfo:
         value = data.get(key, default)
         return value if isinstance(value, str) else default
 
+    def flag(key: str) -> bool:
+        return data.get(key) is True
+
+    size = data.get("virtual_size", 0)
+
     return ImageInfo(
         name=text("name", image_dir.name),
         kernel=file("kernel"),
@@ -110,6 +142,15 @@ def load_image(image_dir: Path) -> ImageInfo:
         kernel_version=text("kernel_version", ""),
         hvm_kernel_version=text("hvm_kernel_version", ""),
         recipe=text("recipe", ""),
+        kind=text("kind", "tiny"),
+        arch=text("arch", "amd64"),
+        disk_format=text("disk_format", "raw"),
+        root=text("root", ""),
+        os=text("os", ""),
+        template=flag("template"),
+        agent=flag("agent"),
+        cloud_init=flag("cloud_init"),
+        virtual_size=size if isinstance(size, int) else 0,
     )
 
 
@@ -136,3 +177,21 @@ def get_image(images_dir: Path, name: str) -> ImageInfo:
     if not (d / MANIFEST).is_file():
         raise NotFound(f"no image named {name!r} in {images_dir}")
     return load_image(d)
+
+
+def template_of(images_dir: Path, path: str | Path) -> str | None:
+    """The name of the template image whose disk `path` is, if it is one."""
+    try:
+        target = Path(path).resolve()
+        root = images_dir.resolve()
+    except OSError:
+        return None
+    if target.parent.parent != root:
+        return None
+    try:
+        info = load_image(target.parent)
+    except GridvmError:
+        return None
+    if info.template and info.disk is not None and info.disk.resolve() == target:
+        return info.name
+    return None

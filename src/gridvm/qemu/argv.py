@@ -12,6 +12,7 @@ from typing import Protocol
 
 from gridvm.config.model import NIC_MODELS, DiskSpec, DomainConfig, VifSpec
 from gridvm.errors import ConfigError
+from gridvm.qemu import guestagent
 
 
 class Device(Protocol):
@@ -102,14 +103,24 @@ class DirectKernel:
 
 @dataclass(frozen=True)
 class Firmware:
-    """SeaBIOS boot with settings passed as SMBIOS OEM strings (`gridvm:key=value`)."""
+    """SeaBIOS boot from the disks (HVM)."""
 
     boot: str
-    oem: list[str] = field(default_factory=list)
 
     def args(self) -> list[str]:
         order = "".join(c for c in self.boot if c in "acdn") or "c"
-        argv = ["-boot", f"order={order}"]
+        return ["-boot", f"order={order}"]
+
+
+@dataclass(frozen=True)
+class OemStrings:
+    """Settings for the guest as SMBIOS OEM strings (`gridvm:key=value`), read by the tiny
+    guest's init and by gridvm-identity in built and imported systems."""
+
+    oem: list[str] = field(default_factory=list)
+
+    def args(self) -> list[str]:
+        argv: list[str] = []
         for value in self.oem:
             argv += ["-smbios", f"type=11,value=gridvm:{escape(value)}"]
         return argv
@@ -199,6 +210,16 @@ class PvDevices:
 
 
 @dataclass(frozen=True)
+class AgentChannel:
+    """The guest agent's virtio-serial port (org.qemu.guest_agent.0), socket in the run dir."""
+
+    rundir: Path
+
+    def args(self) -> list[str]:
+        return guestagent.chardev_args(self.rundir)
+
+
+@dataclass(frozen=True)
 class Pvpanic:
     def args(self) -> list[str]:
         return ["-device", "pvpanic"]
@@ -210,14 +231,16 @@ class Incoming:
         return ["-incoming", "defer"]
 
 
-def hvm_oem_strings(cfg: DomainConfig) -> list[str]:
-    """The settings a PV guest gets on its cmdline, as OEM strings for firmware boot."""
+def oem_strings(cfg: DomainConfig) -> list[str]:
+    """What a PV guest gets on its command line (address, hostname), and the domain's guest
+    variables, as OEM strings: firmware-booted guests read them, and every guest the vars."""
     oem = []
     ip = cfg.ip_param()
     if ip:
         oem.append(f"ip={ip}")
     if cfg.net.hostname:
         oem.append(f"gridvm.hostname={cfg.net.hostname}")
+    oem += [f"gridvm.var.{k}={v}" for k, v in sorted(cfg.guest_vars.items())]
     return oem
 
 
@@ -230,7 +253,7 @@ def devices(cfg: DomainConfig, *, accel: str, rundir: Path, taps: list[str],
         Runtime(rundir),
     ]
     if hvm:
-        devs.append(Firmware(cfg.boot, hvm_oem_strings(cfg)))
+        devs.append(Firmware(cfg.boot))
     else:
         if not cfg.kernel:
             raise ConfigError(f"domain {cfg.name}: a PV domain needs a kernel")
@@ -240,9 +263,13 @@ def devices(cfg: DomainConfig, *, accel: str, rundir: Path, taps: list[str],
             # and panic ("IO-APIC + timer doesn't work"); cloud images skip it the same way.
             cmdline += " no_timer_check"
         devs.append(DirectKernel(cfg.kernel, cfg.ramdisk, cmdline))
+    oem = oem_strings(cfg)
+    if oem:
+        devs.append(OemStrings(oem))
     devs += [Disk(i, d, hvm) for i, d in enumerate(cfg.disks)]
     devs += [Nic(i, v, taps[i], hvm) for i, v in enumerate(cfg.vifs)]
     devs.append(PvDevices())
+    devs.append(AgentChannel(rundir))
     devs.append(Pvpanic())
     if incoming:
         devs.append(Incoming())
