@@ -14,6 +14,7 @@ from rich.table import Table
 from gridvm.api.client import Client, q
 from gridvm.cli.clone import register as register_clone_verbs
 from gridvm.cli.cluster import cluster_app, host_app
+from gridvm.cli.db import db_app
 from gridvm.cli.guest import register as register_guest_verbs
 from gridvm.cli.image import image_app
 from gridvm.cli.lab import lab_app
@@ -42,6 +43,7 @@ app.add_typer(lab_app, name="lab")
 app.add_typer(cluster_app, name="cluster")
 app.add_typer(host_app, name="host")
 app.add_typer(service_app, name="service")
+app.add_typer(db_app, name="db")
 app.add_typer(task_app, name="task")
 app.add_typer(web_app, name="web")
 

@@ -61,7 +61,8 @@ class Evacuation:
     def view(self) -> dict[str, Any]:
         return {"id": self.id, "host": self.host, "phase": self.phase, "index": self.index,
                 "total": len(self.moves), "moves": self.moves, "left": self.left,
-                "current": self.current, "moved": self.moved, "prepared": self.prepared, "error": self.error,
+                "current": self.current, "moved": self.moved, "prepared": self.prepared,
+                "error": self.error,
                 "started": self.started, "finished": self.finished}
 
 

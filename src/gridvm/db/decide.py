@@ -207,11 +207,11 @@ def _returning(plan: Plan, members: dict[str, dict[str, Any]], roles: dict[str, 
         if m == primary:
             continue
         role, o, hs = roles[m], obs(m), hstate(m)
-        if role in (Role.FENCED, Role.LOST) or (role == Role.STOPPED and hs == "up"):
-            if not o.up and not dom_running(m) and hs == "up" and \
-                    world.domains.get(m) is not None:
-                plan.add("start", m, f"its host {members[m]['host']} is up")
-                continue
+        back = role in (Role.FENCED, Role.LOST) or (role == Role.STOPPED and hs == "up")
+        if back and not o.up and not dom_running(m) and hs == "up" and \
+                world.domains.get(m) is not None:
+            plan.add("start", m, f"its host {members[m]['host']} is up")
+            continue
         if not primary_ok or promoted or not o.up:
             continue
         if role in (Role.FENCED, Role.LOST, Role.REJOINING, Role.RECLONING, Role.DEMOTING,

@@ -73,15 +73,14 @@ def state(*texts: str | None) -> State:
     return st
 
 
-def fmt(gtids: Position | State) -> str:
-    """Back to MariaDB's text form (sorted by domain, then server)."""
-    if not gtids:
-        return ""
-    first = next(iter(gtids))
-    if isinstance(first, tuple):
-        items = sorted(gtids.items())   # type: ignore[arg-type]
-        return ",".join(f"{d}-{s}-{n}" for (d, s), n in items)
-    return ",".join(str(g) for _, g in sorted(gtids.items()))   # type: ignore[misc]
+def fmt(pos: Position) -> str:
+    """A position back in MariaDB's text form (sorted by domain)."""
+    return ",".join(str(g) for _, g in sorted(pos.items()))
+
+
+def fmt_state(st: State) -> str:
+    """A binlog state back in MariaDB's text form (sorted by domain, then server)."""
+    return ",".join(f"{d}-{s}-{n}" for (d, s), n in sorted(st.items()))
 
 
 def errant(member: State, primary: State) -> list[Gtid]:

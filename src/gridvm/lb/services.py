@@ -417,7 +417,8 @@ class ServiceManager:
             else:
                 moved = (loc.ip, loc.host) != (st.ip, st.host)
                 st.ip, st.host = loc.ip, loc.host
-                why = await probe(spec.health, loc.ip, spec.target_port(b), timeout)
+                why = await probe(spec.health, loc.ip, spec.target_port(b), timeout,
+                                   spec.auth)
                 st.checks += 1
                 st.failed += why is not None
                 st.last = why or "ok"
@@ -574,6 +575,31 @@ class ServiceManager:
             log.info("%s: backend %s %s", name, domain, "back in rotation" if undo else
                      "draining")
         return await self.view(name)
+
+    async def route_only(self, name: str, domain: str | None) -> None:
+        """New connections go to `domain` alone (None: to no backend): every other backend is
+        drained. Its backends are checked at once, so a server that just took a role (a
+        promoted database primary) is in rotation now rather than after an interval; the
+        spec is shared with the cluster. For a service another layer steers (the database
+        service's writer VIP)."""
+        async with self._lock:
+            rt = self.get(name)
+            if domain is not None:
+                rt.spec.backend(domain)
+            old = {b.domain: b.drained for b in rt.spec.backends}
+            for b in rt.spec.backends:
+                b.drained = b.domain != domain
+            try:
+                if domain is not None:
+                    await self._round(rt, program=False)
+                await self._program(rt)
+                await self.peers.publish(name, rt.spec)
+            except BaseException:
+                for b in rt.spec.backends:
+                    b.drained = old[b.domain]
+                raise
+            self._save()
+            log.info("%s: new connections to %s only", name, domain or "no backend")
 
     # ----- views --------------------------------------------------------------------------------
 

@@ -1,0 +1,241 @@
+"""One database's controller: observe the members, decide (db/decide.py), act, record.
+
+It runs on the host that holds the database's writer VIP (so the host that moves the VIP is
+the host that decides where it points), every ROUND_S. A round loads the record, probes
+every member at once, notes how long each has not answered, asks `decide` for a plan and
+carries it out through the `DbEnv`, changing roles only through `roles.transition`. The
+record is written back with a compare-and-swap: a round that finds it changed by someone
+else stops. A switchover runs here too, between rounds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import time
+from typing import Any
+
+from gridvm.db import roles
+from gridvm.db.decide import Action, Observation, Plan, World, decide
+from gridvm.db.env import DbEnv
+from gridvm.db.roles import Role
+from gridvm.errors import Conflict, GridvmError
+
+ROUND_S = 0.5
+DETECT_S = 2.0
+SWITCH_WAIT_S = 5.0
+
+
+class Stale(GridvmError):
+    """The record changed under this controller (another one acted): start over."""
+
+
+class DbController:
+    """The controller of one database (on the writer VIP's host)."""
+
+    def __init__(self, env: DbEnv, name: str, *, detect_s: float = DETECT_S) -> None:
+        self.env = env
+        self.name = name
+        self.detect_s = detect_s
+        self.failing_since: dict[str, float] = {}
+        self.last: dict[str, Observation] = {}
+        self.waiting: str | None = None
+        self.lock = asyncio.Lock()
+        self.record: dict[str, Any] | None = None
+        self.rev = 0
+
+    def _say(self, level: int, message: str) -> None:
+        self.env.log(level, message)
+
+    async def _load(self) -> dict[str, Any]:
+        got = await self.env.load(self.name)
+        if got is None:
+            raise Stale(f"database {self.name} was deleted")
+        self.record, self.rev = got
+        return self.record
+
+    async def _save(self, record: dict[str, Any]) -> None:
+        rev = await self.env.save(record, self.rev)
+        if rev is None:
+            raise Stale(f"database {self.name}: its record changed during the round")
+        self.record, self.rev = record, rev
+
+    def _transition(self, record: dict[str, Any], member: str, to: Role, why: str) -> None:
+        roles.transition(record, member, to, why, say=self._say)
+
+    async def observe(self, record: dict[str, Any]) -> World:
+        names = sorted(record["members"])
+        hosts, domains = await asyncio.gather(self.env.hosts(), self.env.domains(record))
+        obs = await asyncio.gather(*(self.env.probe(record, m) for m in names))
+        now = self.env.now()
+        seen = dict(zip(names, obs, strict=True))
+        for m, o in seen.items():
+            if o.up:
+                self.failing_since.pop(m, None)
+            else:
+                self.failing_since.setdefault(m, now)
+        self.last = seen
+        return World(hosts, domains, seen,
+                      {m: now - t for m, t in self.failing_since.items()})
+
+    async def tick(self) -> Plan:
+        """One round (under the lock: a switchover never runs beside it)."""
+        async with self.lock:
+            record = copy.deepcopy(await self._load())
+            if record.get("phase") != "ready":
+                return Plan()
+            world = await self.observe(record)
+            plan = decide(record, world, detect_s=self.detect_s)
+            self.waiting = plan.waiting
+            for action in plan.actions:
+                await self._act(record, action, world)
+            return plan
+
+    async def _act(self, record: dict[str, Any], a: Action, world: World) -> None:
+        m = a.member
+        if a.kind == "lost":
+            self._transition(record, m, Role.LOST, a.why)
+            if m == record.get("primary"):
+                await self.env.route_writer(record, None)     # no new writes to it
+            await self._save(record)
+        elif a.kind == "recovered":
+            back = Role.PRIMARY if m == record.get("primary") else Role.REPLICA
+            self._transition(record, m, back, a.why)
+            if back == Role.PRIMARY:
+                await self.env.route_writer(record, m)
+            await self._save(record)
+        elif a.kind == "fence":
+            await self.env.kill(record, m)
+            self._transition(record, m, Role.FENCED, f"{a.why}: domain destroyed")
+            await self._save(record)
+        elif a.kind == "fenced":
+            self._transition(record, m, Role.FENCED, a.why)
+            await self._save(record)
+        elif a.kind == "promote":
+            await self._promote(record, a)
+        elif a.kind == "start":
+            await self.env.start(record, m)
+            roles.note(record, m, f"domain started ({a.why})", say=self._say)
+            self.failing_since[m] = self.env.now()
+            await self._save(record)
+        elif a.kind in ("rejoin", "reclone"):
+            await self._rejoin(record, a)
+        elif a.kind == "repoint":
+            await self.env.repoint(record, m, a.other or str(record["primary"]))
+            roles.note(record, m, f"repointed: {a.why}", say=self._say)
+            await self._save(record)
+        elif a.kind == "switchover":
+            await self._switch(record, a.member, a.why)
+
+    async def _promote(self, record: dict[str, Any], a: Action) -> None:
+        m, old = a.member, a.other
+        self._transition(record, m, Role.PROMOTING, a.why)
+        await self._save(record)
+        try:
+            pos = await self.env.promote(record, m)
+        except GridvmError as exc:
+            self._transition(record, m, Role.REPLICA, f"promotion failed: {exc}")
+            await self._save(record)
+            raise
+        record["primary"] = m
+        self._transition(record, m, Role.PRIMARY, f"promoted at {pos or 'an empty history'}"
+                         + (f" (was {old})" if old else ""))
+        await self._save(record)
+        await self._follow(record, m, exclude={m})
+        await self.env.route_writer(record, m)
+        roles.note(record, m, "the writer VIP sends new connections here", say=self._say)
+        await self._save(record)
+
+    async def _follow(self, record: dict[str, Any], primary: str, exclude: set[str]) -> None:
+        """Repoint every serving replica at `primary`, side by side."""
+        todo = [m for m, v in record["members"].items()
+                if m not in exclude and Role(v["role"]) == Role.REPLICA
+                and self.last.get(m, Observation(False)).up]
+        results = await asyncio.gather(*(self.env.repoint(record, m, primary) for m in todo),
+                                       return_exceptions=True)
+        for m, res in zip(todo, results, strict=True):
+            if isinstance(res, BaseException):
+                self._say(logging.ERROR, f"db {self.name}: {m}: repoint failed: {res}")
+            else:
+                roles.note(record, m, f"follows {primary}", say=self._say)
+
+    async def _rejoin(self, record: dict[str, Any], a: Action) -> None:
+        m, primary = a.member, a.other or str(record["primary"])
+        if Role(record["members"][m]["role"]) != Role.REJOINING:
+            self._transition(record, m, Role.REJOINING, "answers again; checking its GTIDs")
+        if a.kind == "reclone":
+            self._transition(record, m, Role.RECLONING, a.why)
+            await self._save(record)
+            await self.env.reclone(record, m, primary)
+            await self.env.repoint(record, m, primary)
+            self._transition(record, m, Role.REPLICA, f"re-cloned from {primary} ({a.why})")
+        else:
+            await self.env.repoint(record, m, primary)
+            self._transition(record, m, Role.REPLICA, a.why)
+        record["members"][m]["rejoined"] = {"at": time.time(), "how": a.kind, "why": a.why}
+        await self._save(record)
+
+    # ----- planned switchover ---------------------------------------------------------------
+
+    async def switchover(self, to: str | None = None) -> dict[str, Any]:
+        """Move the primary role to `to` (default: the most caught-up replica) without
+        losing a write; the seconds writes were blocked."""
+        async with self.lock:
+            record = copy.deepcopy(await self._load())
+            if record.get("phase") != "ready":
+                raise Conflict(f"database {self.name} is {record.get('phase')}")
+            world = await self.observe(record)
+            if to is None:
+                ready = [m for m, v in record["members"].items()
+                         if Role(v["role"]) == Role.REPLICA and world.obs[m].up
+                         and world.obs[m].io_running and world.obs[m].sql_running]
+                if not ready:
+                    raise Conflict(f"database {self.name} has no replica ready to take over")
+                to = max(ready, key=lambda m: (len(world.obs[m].received()),
+                                               sum(g.seq for g in
+                                                   world.obs[m].received().values()),
+                                               m))
+            return await self._switch(record, to, "switchover asked for")
+
+    async def _switch(self, record: dict[str, Any], to: str, why: str) -> dict[str, Any]:
+        old = record.get("primary")
+        if to not in record["members"]:
+            raise Conflict(f"database {self.name} has no member {to!r} "
+                           f"(members: {', '.join(sorted(record['members']))})")
+        if old is None or Role(record["members"][old]["role"]) != Role.PRIMARY:
+            raise Conflict(f"database {self.name} has no working primary to switch from")
+        if to == old:
+            raise Conflict(f"{to} is already the primary of {self.name}")
+        o = self.last.get(to)
+        if Role(record["members"][to]["role"]) != Role.REPLICA or o is None or not (
+                o.up and o.io_running and o.sql_running):
+            raise Conflict(f"{to} is not a replica that replicates now: it cannot take over")
+        self._transition(record, old, Role.DEMOTING, f"switchover to {to}: {why}")
+        self._transition(record, to, Role.PROMOTING, f"switchover from {old}: {why}")
+        await self._save(record)
+        t0 = time.monotonic()
+        await self.env.route_writer(record, None)
+        pos = await self.env.demote(record, old)
+        if not await self.env.wait_pos(record, to, pos, SWITCH_WAIT_S):
+            await self.env.writable(record, old)
+            await self.env.route_writer(record, old)
+            self._transition(record, old, Role.PRIMARY, f"switchover aborted: {to} did not "
+                             f"reach {pos} in {SWITCH_WAIT_S:g}s")
+            self._transition(record, to, Role.REPLICA, "switchover aborted")
+            await self._save(record)
+            raise Conflict(f"switchover aborted: {to} did not catch up with {old} in "
+                           f"{SWITCH_WAIT_S:g}s; {old} is the primary again")
+        await self.env.promote(record, to)
+        record["primary"] = to
+        self._transition(record, to, Role.PRIMARY, f"switchover from {old} at {pos}")
+        self._transition(record, old, Role.REPLICA, f"switchover to {to}")
+        await asyncio.gather(self.env.repoint(record, old, to),
+                             self._follow(record, to, exclude={to, old}))
+        await self.env.route_writer(record, to)
+        blocked = time.monotonic() - t0
+        roles.note(record, to, f"switchover done: writes blocked {blocked:.2f}s",
+                   say=self._say)
+        await self._save(record)
+        return {"database": self.name, "from": old, "to": to, "position": pos,
+                "blocked_s": round(blocked, 3)}
