@@ -9,7 +9,7 @@ from pydantic import BaseModel, ValidationError
 
 from gridvm.db import members
 from gridvm.db.manager import DbManager
-from gridvm.db.model import CreateRequest
+from gridvm.db.model import CreateRequest, UserRequest
 from gridvm.errors import ConfigError
 from gridvm.lb.model import validation_message
 
@@ -48,6 +48,10 @@ def db_router(db: DbManager) -> APIRouter:
     @r.post("/{name}/switchover")
     async def switchover(name: str, req: SwitchoverRequest) -> dict[str, Any]:
         return await db.switchover(name, req.to)
+
+    @r.post("/{name}/users")
+    async def add_user(name: str, req: UserRequest) -> dict[str, Any]:
+        return await db.add_user(name, req.user, req.password, req.database)
 
     @r.post("/{name}/leave")
     async def leave(name: str, req: LeaveRequest) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from gridvm.api.client import q
 from gridvm.cli.network import _call, _emit, _print
-from gridvm.db.model import CreateRequest
+from gridvm.db.model import CreateRequest, UserRequest
 from gridvm.errors import ConfigError, GridvmError
 from gridvm.lb.model import validation_message
 
@@ -158,6 +158,26 @@ def switchover(
         return
     _print(f"{name}: primary {res['from']} → {res['to']} at {res['position'] or 'empty'}; "
            f"writes blocked {res['blocked_s']:.3f}s")
+
+
+@db_app.command("user")
+def user(
+    name: str,
+    account: Annotated[str, typer.Argument(metavar="USER")],
+    password: Annotated[str, typer.Option("--password", prompt=True, hide_input=True,
+                                          help="at least 8 characters")],
+    database: Annotated[str | None, typer.Option(
+        "--database", help="grant on this schema only (made if missing); default: all")]
+    = None,
+) -> None:
+    """Make an application account (on the primary; replicated to every member)."""
+    try:
+        req = UserRequest.model_validate({"user": account, "password": password,
+                                          "database": database})
+    except ValidationError as exc:
+        raise ConfigError(validation_message(exc)) from None
+    res = _call("POST", f"/databases/{q(name)}/users", req.model_dump())
+    _print(f"{name}: user {account}@'%' with all privileges on {res['grants']}")
 
 
 @db_app.command("delete")

@@ -145,6 +145,7 @@ class Jobs:
         await asyncio.gather(*(db.node.call(record["members"][m]["host"], "POST",
                                             f"/v1/databases/{name}/members/{m}", record,
                                             timeout=180) for m in members))
+        log.info("db %s: members started; waiting for their agents", name)
         await asyncio.gather(*(self._setup(record, m) for m in members))
         primary, replicas = members[0], members[1:]
         loop = asyncio.get_running_loop()
@@ -152,17 +153,22 @@ class Jobs:
         def run(fn: Any, *args: Any) -> Any:
             return loop.run_in_executor(sql.POOL, fn, *args)
 
+        log.info("db %s: members set up; %s is the primary", name, primary)
+        await run(sql.make_primary, target(record, primary))
+        await asyncio.gather(*(db.env.repoint(record, r, primary) for r in replicas))
+        # a commit waits for a replica's acknowledgement: write once one is connected
         await run(sql.execute, target(record, primary), [
             "CREATE DATABASE IF NOT EXISTS gridvm",
             "CREATE TABLE IF NOT EXISTS gridvm.info (name VARCHAR(64) PRIMARY KEY, "
             "created DOUBLE)",
-            f"REPLACE INTO gridvm.info VALUES ('{name}', {record['created']})"])
-        await run(sql.make_primary, target(record, primary))
-        await asyncio.gather(*(db.env.repoint(record, r, primary) for r in replicas))
+            f"REPLACE INTO gridvm.info VALUES ('{name}', {record['created']})"], 60)
         pos = await run(sql.binlog_pos, target(record, primary))
         for r in replicas:
             if not await run(sql.wait_pos, target(record, r), pos, 60.0):
-                raise GridvmError(f"{r} did not replicate from {primary} within 60s")
+                o = await run(sql.probe, target(record, r))
+                raise GridvmError(f"{r} did not replicate from {primary} within 60s (IO "
+                                  f"{o.io_state or 'off'}, at {o.current_pos or 'nothing'}: "
+                                  f"{o.last_error or o.error or 'no error'})")
         for m in members:
             roles.transition(record, m, Role.PRIMARY if m == primary else Role.REPLICA,
                              "created" + (f", replicating from {primary}" if m != primary

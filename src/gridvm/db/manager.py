@@ -115,6 +115,24 @@ class DbManager:
             record, f"/v1/databases/{name}/switchover", {"to": to})
         return result
 
+    async def add_user(self, name: str, user: str, password: str,
+                       database: str | None) -> dict[str, Any]:
+        """An application account on every member (made on the primary, replicated):
+        all privileges on `database` (made if missing), or on everything."""
+        record = await self.record(name)
+        p = record.get("primary")
+        if p is None:
+            raise Conflict(f"database {name} has no primary now")
+        grant = f"`{database}`.*" if database else "*.*"
+        stmts = [f"CREATE DATABASE IF NOT EXISTS `{database}`"] if database else []
+        stmts += ["CREATE USER IF NOT EXISTS %s@'%%' IDENTIFIED BY %s",
+                  f"GRANT ALL PRIVILEGES ON {grant} TO %s@'%%'"]
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(sql.POOL, sql.execute_args, target(record, p), [
+            (s, None) if s.startswith("CREATE DATABASE") else
+            (s, (user, password) if "IDENTIFIED" in s else (user,)) for s in stmts])
+        return {"database": name, "user": user, "grants": grant, "made_on": p}
+
     # ----- evacuation -------------------------------------------------------------------
 
     async def host_leaving(self, host: str) -> list[str]:

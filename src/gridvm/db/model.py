@@ -116,6 +116,33 @@ class CreateRequest(BaseModel):
                 for i in range(self.members)]
 
 
+USER_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,31}")
+DBNAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
+
+
+class UserRequest(BaseModel):
+    """`gridvm db user NAME USER --password P [--database D]`."""
+
+    user: str
+    password: str = Field(min_length=8, max_length=128)
+    database: str | None = None
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, v: str) -> str:
+        if not USER_RE.fullmatch(v) or v in ("root", "gridvm", "repl"):
+            raise ValueError(f"bad user name {v!r}: a letter, then letters, digits or _ "
+                             "(not root, gridvm or repl)")
+        return v
+
+    @field_validator("database")
+    @classmethod
+    def _db(cls, v: str | None) -> str | None:
+        if v is not None and not DBNAME_RE.fullmatch(v):
+            raise ValueError(f"bad database name {v!r}: a letter, then letters, digits or _")
+        return v
+
+
 def new_record(req: CreateRequest, hosts: list[str]) -> dict[str, Any]:
     """The record of a database being created (every member `creating`)."""
     wvip, wport = req.vip.rsplit(":", 1)

@@ -192,6 +192,12 @@ def execute(t: Target, statements: list[str], timeout: float = 10) -> None:
             cur.execute(s)
 
 
+def execute_args(t: Target, statements: list[tuple[str, Any]], timeout: float = 10) -> None:
+    with connect(t, timeout=timeout) as cur:
+        for s, args in statements:
+            cur.execute(s, args)
+
+
 def query(t: Target, statement: str, args: Any = None) -> list[dict[str, Any]]:
     with connect(t) as cur:
         cur.execute(statement, args)
