@@ -111,10 +111,13 @@ def wait_applied(t: Target, timeout: float) -> str:
 
 
 def make_primary(t: Target) -> None:
-    """Stop replicating, forget the old primary, accept writes."""
+    """Stop replicating, forget the old primary, wait for a replica's acknowledgement
+    before each commit (only a primary does: a replica that did would wait for replicas of
+    its own), accept writes."""
     with connect(t, timeout=10) as cur:
         cur.execute("STOP SLAVE")
         cur.execute("RESET SLAVE ALL")
+        cur.execute("SET GLOBAL rpl_semi_sync_master_enabled = ON")
         cur.execute("SET GLOBAL read_only = OFF")
 
 
@@ -157,6 +160,7 @@ def repoint(t: Target, primary_ip: str, repl_password: str) -> None:
     read-only."""
     with connect(t, timeout=10) as cur:
         cur.execute("SET GLOBAL read_only = ON")
+        cur.execute("SET GLOBAL rpl_semi_sync_master_enabled = OFF")
         cur.execute("STOP SLAVE")
         cur.execute("SET GLOBAL gtid_slave_pos = @@global.gtid_current_pos")
         cur.execute("CHANGE MASTER TO MASTER_HOST=%s, MASTER_PORT=3306, MASTER_USER=%s, "
@@ -170,20 +174,6 @@ def user_databases(t: Target) -> list[str]:
         cur.execute("SHOW DATABASES")
         return [str(next(iter(r.values()))) for r in cur.fetchall()
                 if next(iter(r.values())) not in SYSTEM_DBS]
-
-
-def settings_sql(ack_timeout: float | None) -> list[str]:
-    """Semi-synchronous replication as the database asks: AFTER_SYNC, and either a wait
-    for ever or the operator's explicit timeout (then also no wait without replicas)."""
-    if ack_timeout is None:
-        timeout_ms, no_slave = 18446744073709551615, "ON"
-    else:
-        timeout_ms, no_slave = int(ack_timeout * 1000), "OFF"
-    return ["SET GLOBAL rpl_semi_sync_master_enabled = ON",
-            "SET GLOBAL rpl_semi_sync_slave_enabled = ON",
-            "SET GLOBAL rpl_semi_sync_master_wait_point = AFTER_SYNC",
-            f"SET GLOBAL rpl_semi_sync_master_timeout = {timeout_ms}",
-            f"SET GLOBAL rpl_semi_sync_master_wait_no_slave = {no_slave}"]
 
 
 def execute(t: Target, statements: list[str], timeout: float = 10) -> None:
