@@ -36,6 +36,7 @@ from dblab import (  # noqa: E402
     APP_PASSWORD,
     APP_USER,
     Writer,
+    connect,
     count_rows,
     mariadb_image,
     member,
@@ -43,6 +44,7 @@ from dblab import (  # noqa: E402
     verify,
 )
 
+from gridvm.host import netns  # noqa: E402
 from gridvm.images.tiny import build_tiny  # noqa: E402
 
 IMAGES = Path(os.environ.get("GRIDVM_TEST_IMAGES", "/var/cache/gridvm/test-images"))
@@ -117,9 +119,6 @@ def main() -> None:
                 "10.77.0.150/24", "--vip", vip, "--memory", "448", host="h1")
         lab.run("db", "user", "bench", APP_USER, "--password", APP_PASSWORD, "--database",
                 "app", host="h1")
-        from dblab import connect
-        from gridvm.host import netns
-
         def ddl() -> None:
             c = connect(vip, timeout=30)
             with c.cursor() as cur:
@@ -151,13 +150,15 @@ def main() -> None:
             time.sleep(args.seconds / 2)
             t_off = time.monotonic()
             lab.run("lab", "poweroff", victim, "--name", lab.name)
-            wait("a new primary", lambda: status(lambda *a: lab.run(*a, host=other),
-                                                 "bench")["primary"] != old, 120)
+            def moved(other: str = other, old: str = old) -> bool:
+                return bool(status(lambda *a: lab.run(*a, host=other), "bench")["primary"]
+                            != old)
+            wait("a new primary", moved, 120)
             time.sleep(args.seconds / 2)
             w.halt()
             gap, at = w.longest_gap(t_off - 1)
             res = verify(w.acked, count_rows(lab.client_ns, vip))
-            new = status(lambda *a: lab.run(*a, host=other), "bench")["primary"]
+            new = status(lambda *a, h=other: lab.run(*a, host=h), "bench")["primary"]
             t = {"trial": trial, "host": victim, "from": old, "to": new,
                  "gap_s": round(gap, 2), "gap_starts_s": round(at - t_off, 2),
                  "acked": res["acked"], "lost": len(res["lost"]),
@@ -168,7 +169,7 @@ def main() -> None:
             t_on = time.monotonic()
             lab.run("lab", "poweron", victim, "--name", lab.name)
 
-            def back() -> bool:
+            def back(other: str = other) -> bool:
                 v = status(lambda *a: lab.run(*a, host=other), "bench")
                 return all(m["answers"] and m["role"] in ("primary", "replica")
                            for m in v["members"])

@@ -4,9 +4,10 @@ writes into it.
 A member is a managed domain on one host (`hosts = [HOST]`), `ha = "fence"`: the host's
 watchdog kills it with the host's other HA domains when the host loses its lease, and it is
 never restarted elsewhere (its data is on its host; the database moves its role instead).
-Its MariaDB gets gridvm's settings (read-only at every start, and waiting for no replica's
-acknowledgement — only the controller makes a primary writable and semi-synchronous —
-AFTER_SYNC with the database's timeout, durable commits, no DNS lookups) and gridvm's admin account, made outside the binary log.
+Its MariaDB gets gridvm's settings: read-only at every start, and waiting for no
+replica's acknowledgement (only the controller makes a primary writable and
+semi-synchronous, AFTER_SYNC with the database's timeout); durable commits; no DNS
+lookups. And gridvm's admin account, made outside the binary log.
 """
 
 from __future__ import annotations
