@@ -7,23 +7,24 @@ from __future__ import annotations
 
 import contextlib
 import json
-import threading
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pymysql
-
+from gridvm.db.seqwriter import (  # noqa: F401  (the tests' and the benchmark's client)
+    APP_PASSWORD,
+    APP_USER,
+    Writer,
+    connect,
+    count_rows,
+    verify,
+)
 from gridvm.errors import GridvmError
-from gridvm.host import netns
 from gridvm.images.store import ImageInfo, get_image
 from gridvm.provision import clone as clones
 from gridvm.provision.debian import build_debian
 from gridvm.provision.recipe import load_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "examples" / "recipes"
-APP_USER, APP_PASSWORD = "app", "app-secret-1"
 
 
 def mariadb_image(images: Path) -> ImageInfo:
@@ -34,89 +35,6 @@ def mariadb_image(images: Path) -> ImageInfo:
             clones.unmark_template(images, "mariadb")
     return build_debian(images, load_recipe(RECIPES / "mariadb.toml"), name="mariadb",
                         base_dir=RECIPES)
-
-
-def connect(host: str, *, port: int = 3306, timeout: float = 2.0,
-            database: str | None = "app") -> pymysql.connections.Connection[Any]:
-    return pymysql.connect(host=host, port=port, user=APP_USER, password=APP_PASSWORD,
-                           database=database, connect_timeout=timeout, read_timeout=timeout,
-                           write_timeout=timeout, autocommit=False)
-
-
-@dataclass
-class Writer(threading.Thread):
-    """Inserts 1, 2, 3, … (one transaction each) at host:port from network namespace `ns`.
-    A number counts as acknowledged only when its COMMIT returned OK; after any error the
-    connection is dropped and the next number is tried (never the same one again)."""
-
-    ns: str
-    host: str
-    port: int = 3306
-    timeout: float = 2.0
-    acked: list[tuple[int, float]] = field(default_factory=list)    # (n, when OK came)
-    failed: list[tuple[int, float, str]] = field(default_factory=list)
-    stop: threading.Event = field(default_factory=threading.Event)
-
-    def __post_init__(self) -> None:
-        super().__init__(daemon=True)
-
-    def run(self) -> None:
-        netns.call_in(self.ns, self._loop)
-
-    def _loop(self) -> None:
-        n, conn = 0, None
-        while not self.stop.is_set():
-            n += 1
-            try:
-                if conn is None:
-                    conn = connect(self.host, port=self.port, timeout=self.timeout)
-                with conn.cursor() as cur:
-                    cur.execute("INSERT INTO seq (n) VALUES (%s)", (n,))
-                conn.commit()
-                self.acked.append((n, time.monotonic()))
-            except (pymysql.MySQLError, OSError) as exc:
-                self.failed.append((n, time.monotonic(), str(exc)[:120]))
-                with contextlib.suppress(Exception):
-                    if conn is not None:
-                        conn.close()
-                conn = None
-                time.sleep(0.05)
-        with contextlib.suppress(Exception):
-            if conn is not None:
-                conn.close()
-
-    def halt(self) -> None:
-        self.stop.set()
-        self.join(timeout=30)
-
-    def longest_gap(self, since: float = 0.0) -> tuple[float, float]:
-        """The longest time between two acknowledged commits (after `since`) and when it
-        began."""
-        ts = [t for _, t in self.acked if t >= since]
-        gaps = [(b - a, a) for a, b in zip(ts, ts[1:], strict=False)]
-        return max(gaps, default=(0.0, since))
-
-
-def count_rows(ns: str, host: str, port: int = 3306) -> dict[int, int]:
-    """n -> how many rows hold it, read at host:port from namespace `ns`."""
-    def read() -> dict[int, int]:
-        conn = connect(host, port=port, timeout=10)
-        try:
-            with conn.cursor() as cur:
-                cur.execute("SELECT n, COUNT(*) FROM seq GROUP BY n")
-                return {int(a): int(b) for a, b in cur.fetchall()}
-        finally:
-            conn.close()
-    result: dict[int, int] = netns.call_in(ns, read)
-    return result
-
-
-def verify(acked: list[tuple[int, float]], rows: dict[int, int]) -> dict[str, Any]:
-    """Every acknowledged number present exactly once? (`lost`, `duplicated` must be [])."""
-    nums = [n for n, _ in acked]
-    return {"acked": len(nums), "lost": [n for n in nums if rows.get(n, 0) == 0],
-            "duplicated": [n for n, c in rows.items() if c > 1],
-            "unacked_present": len(set(rows) - set(nums))}
 
 
 def status(run: Any, name: str) -> dict[str, Any]:

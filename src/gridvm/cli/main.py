@@ -353,12 +353,14 @@ def demo(
     = "host",
     as_json: JsonOpt = False,
     keep: Annotated[bool, typer.Option("--keep", help="leave the demo running")] = False,
+    db: Annotated[bool, typer.Option("--db", help="fermigrid: add the replicated MariaDB "
+                                     "(two Debian guests: about a minute more)")] = False,
 ) -> None:
     """Demos: one FermiGrid host (default), or `fermigrid`, the main job (HA, LVS)."""
     if which == "fermigrid":
         from gridvm.fermigrid import render, run
 
-        report = run(say=lambda m: err.print(f"fermigrid: {m}", highlight=False))
+        report = run(say=lambda m: err.print(f"fermigrid: {m}", highlight=False), db=db)
         if as_json:
             emit_json(report)
         else:
