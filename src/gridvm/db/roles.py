@@ -9,7 +9,8 @@
     replica ───► stopped                        (its host is being evacuated)
     replica ───► recloning                      (its replication broke on errant data)
 
-`lost` may also go straight back to `primary`/`replica` when it answers again before gridvm
+A member left `promoting` or `demoting` by a controller that died mid-way rejoins like a
+returning one. `lost` may also go straight back to `primary`/`replica` when it answers again before gridvm
 acted on it (a short blip). The record keeps each member's role with when and why it was
 entered; `transition` is the only way to change one, and it refuses a move the table does
 not allow.
@@ -46,8 +47,8 @@ TRANSITIONS: dict[Role, frozenset[Role]] = {
     R.CREATING: frozenset({R.PRIMARY, R.REPLICA}),
     R.PRIMARY: frozenset({R.DEMOTING, R.LOST}),
     R.REPLICA: frozenset({R.PROMOTING, R.LOST, R.STOPPED, R.RECLONING, R.REJOINING}),
-    R.PROMOTING: frozenset({R.PRIMARY, R.REPLICA, R.LOST}),
-    R.DEMOTING: frozenset({R.REPLICA, R.PRIMARY, R.LOST}),
+    R.PROMOTING: frozenset({R.PRIMARY, R.REPLICA, R.LOST, R.REJOINING}),
+    R.DEMOTING: frozenset({R.REPLICA, R.PRIMARY, R.LOST, R.REJOINING}),
     R.LOST: frozenset({R.FENCED, R.REJOINING, R.PRIMARY, R.REPLICA}),
     R.FENCED: frozenset({R.REJOINING}),
     R.STOPPED: frozenset({R.REJOINING}),
