@@ -26,7 +26,7 @@ def connect(host: str, *, port: int = 3306, timeout: float = 2.0,
                            write_timeout=timeout, autocommit=False)
 
 
-@dataclass
+@dataclass(eq=False)
 class Writer(threading.Thread):
     """Inserts 1, 2, 3, … (one transaction each) at host:port from network namespace `ns`.
     A number counts as acknowledged only when its COMMIT returned OK; after any error the
