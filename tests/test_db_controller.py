@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from gridvm.db.decide import Observation
 from gridvm.db.controller import DbController
+from gridvm.db.decide import Observation
 
 SERVERS = {"db1": 1, "db2": 2, "db3": 3}
 

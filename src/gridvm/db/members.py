@@ -13,6 +13,7 @@ lookups. And gridvm's admin account, made outside the binary log.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import ipaddress
 from typing import Any
 
@@ -20,7 +21,7 @@ from gridvm.config.xmfile import load_config
 from gridvm.db import sql
 from gridvm.errors import ConfigError, GridvmError, NotFound
 from gridvm.host.manager import HostManager
-from gridvm.images.store import get_image
+from gridvm.images.store import ImageInfo, get_image
 from gridvm.provision import clone as clones
 
 CNF = "/etc/mysql/mariadb.conf.d/70-gridvm-db.cnf"
@@ -39,7 +40,7 @@ def provision(m: HostManager, record: dict[str, Any], member: str) -> clones.Mad
     if image.kind != "debian" or image.disk is None:
         raise ConfigError(f"image {image.name} is not a Debian image built from a recipe")
     if not image.template:
-        image = clones.mark_template(m.home.images, image.name)
+        image = _as_template(m, image.name)
     plan = clones.plan(member, ip=f"{spec['ip']}/{spec['prefix']}", gateway=s.get("gateway"),
                        guest_vars={"server_id": str(spec["server_id"]),
                                    "repl_password": record["secrets"]["repl"]},
@@ -56,6 +57,15 @@ def provision(m: HostManager, record: dict[str, Any], member: str) -> clones.Mad
         made.remove()
         raise
     return made
+
+
+def _as_template(m: HostManager, name: str) -> ImageInfo:
+    """Make the image a template (its members' disks are overlays on it). Hosts that share
+    an image store (a lab's) may do it at the same moment: one of them wins."""
+    with open(m.home.images / f".{name}.template.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        image = get_image(m.home.images, name)
+        return image if image.template else clones.mark_template(m.home.images, name)
 
 
 def _macs(m: HostManager) -> set[str]:
