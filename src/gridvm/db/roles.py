@@ -11,9 +11,9 @@
 
 A member left `promoting` or `demoting` by a controller that died mid-way rejoins like a
 returning one. `lost` may also go straight back to `primary`/`replica` when it answers
-again before gridvm acted on it (a short blip). The record keeps each member's role with when and why it was
-entered; `transition` is the only way to change one, and it refuses a move the table does
-not allow.
+again before gridvm acted on it (a short blip). The record keeps each member's role with
+when and why it was entered; `transition` is the only way to change one, and it refuses a
+move the table does not allow.
 """
 
 from __future__ import annotations
