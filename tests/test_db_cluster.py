@@ -95,6 +95,20 @@ def converged(lab: LabEnv, view_host: str = "h2") -> dict[str, Any] | None:
     return v if ok else None
 
 
+_firsts = iter(range(100_000, 10**9, 100_000))
+
+
+def writer(lab: LabEnv, vip: str) -> Writer:
+    """A client writing numbers no earlier client of the module wrote."""
+    return Writer(lab.ns("client"), vip, first=next(_firsts))
+
+
+def events(v: dict[str, Any], since: float) -> str:
+    return "\n".join(f"  {e['at'] - since:+7.2f}s {e['member']}: "
+                     + (f"{e['from']} → {e['to']}: " if e.get("to") else "") + e["why"]
+                     for e in v.get("events", []) if e["at"] >= since - 5)
+
+
 def wait_writes(w: Writer, n: int, timeout: float = 60) -> None:
     start = len(w.acked)
     wait_for(f"{n} more acknowledged writes", lambda: len(w.acked) >= start + n, timeout)
@@ -145,7 +159,7 @@ def test_create_replicates_with_semisync(lab: LabEnv, db: dict[str, str]) -> Non
 
 def test_switchover_under_load(lab: LabEnv, db: dict[str, str]) -> None:
     old = primary(lab)
-    w = Writer(lab.ns("client"), db["vip"])
+    w = writer(lab, db["vip"])
     w.start()
     try:
         wait_writes(w, 20)
@@ -168,12 +182,13 @@ def test_primary_host_powered_off_mid_stream(lab: LabEnv, db: dict[str, str]) ->
     v = st(lab)
     old = v["primary"]
     victim = host_of(v, old)
-    w = Writer(lab.ns("client"), db["vip"])
+    w = writer(lab, db["vip"])
     w.start()
     try:
         wait_writes(w, 30)
-        t_off = time.monotonic()
+        wall_off = time.time()
         lab.gridvm("lab", "poweroff", victim, "--name", lab.name)
+        t_off = time.monotonic()
         survivor = next(h for h in ("h1", "h2", "h3") if h != victim)
         wait_for("a new primary", lambda: st(lab, survivor)["primary"] != old, 60)
         wait_writes(w, 30)
@@ -182,7 +197,8 @@ def test_primary_host_powered_off_mid_stream(lab: LabEnv, db: dict[str, str]) ->
     gap, at = w.longest_gap(t_off - 1)
     new = st(lab, survivor)["primary"]
     print(f"{victim} powered off: {old} → {new}; write gap {gap:.2f}s (from "
-          f"{at - t_off:+.2f}s); {len(w.acked)} acknowledged, {len(w.failed)} failed")
+          f"{at - t_off:+.2f}s); {len(w.acked)} acknowledged, {len(w.failed)} failed\n"
+          + events(st(lab, survivor), wall_off))
     res = verify(w.acked, count_rows(lab.ns("client"), db["vip"]))
     assert res["lost"] == [] and res["duplicated"] == [], res
     assert gap < 30
@@ -236,7 +252,7 @@ def test_replica_lost_writes_go_on_then_wait(lab: LabEnv, db: dict[str, str]) ->
     p = v["primary"]
     r1, r2 = sorted(m["name"] for m in v["members"] if m["name"] != p)
     victim = host_of(v, r1)
-    w = Writer(lab.ns("client"), db["vip"])
+    w = writer(lab, db["vip"])
     w.start()
     try:
         wait_writes(w, 10)

@@ -36,6 +36,7 @@ class Writer(threading.Thread):
     host: str
     port: int = 3306
     timeout: float = 2.0
+    first: int = 1                                                    # the first number
     acked: list[tuple[int, float]] = field(default_factory=list)    # (n, when OK came)
     failed: list[tuple[int, float, str]] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
@@ -47,7 +48,7 @@ class Writer(threading.Thread):
         netns.call_in(self.ns, self._loop)
 
     def _loop(self) -> None:
-        n, conn = 0, None
+        n, conn = self.first - 1, None
         while not self.stop.is_set():
             n += 1
             try:
