@@ -17,8 +17,10 @@ when this host is elected) it:
    level starts once the one above it has been launched). A domain that stopped
    unexpectedly 3 times within 5 minutes is given up (`ha-failed`: the restart-loop guard;
    host failures do not count, including domains lost with reason `fenced`, which a host
-   that lost its lease reports when it is back); a `best-effort` domain gets one try when
-   no host has room.
+   that lost its lease reports when it is back, or `gone`, which a gridvmd reports for a
+   QEMU it found gone when it started); a `best-effort` domain gets one try when no host
+   has room. A host marks a domain lost only when it does not restart it itself (its
+   on_crash and its own loop guard decide), so a domain never runs on two hosts.
    A launch that fails puts the domain back to `lost`; for `AVOID_S` its retries prefer
    the other hosts (the one it failed on is used only if nothing else fits).
 """
@@ -50,6 +52,7 @@ LOOP_LIMIT = 3
 LOOP_WINDOW_S = 300.0
 OBSERVE_GAP_S = 2.0   # sightings older than a gap this long in observing are forgotten
 AVOID_S = 60.0        # a domain's restarts avoid a host where its launch failed this long
+HOST_FAILURES = ("fenced", "gone")   # reasons a domain was lost that are not its fault
 
 
 @dataclass(frozen=True)
@@ -155,8 +158,9 @@ class HaManager:
         wall = env.wall()
         recent = [t for t in rec.get("ha_restarts", []) if wall - t < LOOP_WINDOW_S]
         # host failures do not count: a domain its host's resync marked lost ("fenced": the
-        # host lost its lease, so its watchdog or a power loss stopped it) is one
-        guest_failure = rec.get("state") == "lost" and rec.get("reason") != "fenced"
+        # host lost its lease, so its watchdog or a power loss stopped it) is one, and so is
+        # one its gridvmd found gone when it started ("gone")
+        guest_failure = rec.get("state") == "lost" and rec.get("reason") not in HOST_FAILURES
         if guest_failure and len(recent) >= LOOP_LIMIT:
             env.log(logging.ERROR, f"{name}: restarted {len(recent)} times in "
                                    f"{LOOP_WINDOW_S:.0f}s; giving up")
