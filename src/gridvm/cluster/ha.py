@@ -35,6 +35,7 @@ from itertools import groupby
 from typing import Any
 
 from gridvm.cluster.ha_env import FenceFailed, HaEnv
+from gridvm.cluster.hoststate import HostWatch
 from gridvm.cluster.placement import (
     ACTIVE,
     DEFAULT_CPU_RATIO,
@@ -74,6 +75,7 @@ class HaManager:
         self.unplaced: set[str] = set()          # "cannot restart yet" already said
         self.fence_failing: set[str] = set()     # "fencing failed" already said
         self.failed_on: dict[str, dict[str, float]] = {}  # uuid -> host -> launch failed at
+        self.hosts = HostWatch()                 # logs every host state transition seen
 
     def tick(self) -> None:
         """A round if this host leads the HA election, else only `observe` (blocking)."""
@@ -90,6 +92,7 @@ class HaManager:
         if now - self.observed_at > OBSERVE_GAP_S:   # not watching all along: start afresh
             self.dead_since.clear()
         self.observed_at = now
+        self.hosts.observe(states)
         for host, state in states.items():
             if state == "down":
                 self.dead_since.setdefault(host, now)
