@@ -436,7 +436,8 @@ def test_second_migration_and_destroy_are_refused_during_a_migration(lab: LabEnv
     wait_for("the copy", lambda: source_job(lab, "h1").get("phase") == "memory")
     for args in (("migrate", "--live", "busy", f"{lab.name}/h2"), ("destroy", "busy"),
                  ("save", "busy", str(Path(lab.tmp) / "busy.save"))):
-        assert "is busy (migrating to" in lab.fails(*args, host="h1")
+        assert "domain busy is migrating; try again when it is done" in lab.fails(
+            *args, host="h1")
     assert lab.gridvm("migrate", "--cancel", "busy", host="h1").stdout.startswith(
         "migration of busy cancelled; it keeps running on this host")
     failed(fut, "migration of busy cancelled; it keeps running on this host")
