@@ -335,7 +335,8 @@ def test_destination_qemu_killed_before_during_and_at_the_switch(lab: LabEnv) ->
     with gate("switchover") as reached:
         fut = migrate_bg(lab, "victim", "h1", "h2", "--live")
         reached()
-        assert state(lab, "h1", "victim") == "paused"
+        assert state(lab, "h1", "victim") == "migrating"
+        assert source_job(lab, "h1")["status"] == "pre-switchover"   # QEMU paused the guest
         kill_dest_qemu()
     failed(fut, "keeps running on this host")
     for _ in range(3):

@@ -73,6 +73,7 @@ log = logging.getLogger("gridvm.migration")
 
 S = DomainState
 
+
 class Migrations:
     """Migrations into and out of this host."""
 

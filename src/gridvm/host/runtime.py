@@ -152,7 +152,11 @@ class DomainRuntime:
             await self._launch(rec, paused=paused)
         except BaseException:
             if not managed:
-                self._remove(rec, "create failed")
+                vm = self.vms.get(rec.uuid)
+                if vm is not None:         # QEMU runs, a later step failed: undo it too
+                    await self._teardown(vm, reason="create failed")
+                else:
+                    self._remove(rec, "create failed")
             raise
         return rec
 

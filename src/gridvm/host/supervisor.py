@@ -17,7 +17,7 @@ import logging
 import time
 import uuid as uuidlib
 
-from gridvm.errors import GridvmError, QemuError
+from gridvm.errors import QemuError
 from gridvm.host.runtime import DomainRuntime
 from gridvm.host.vm import Vm
 from gridvm.lifecycle import BUSY, DomainState
@@ -86,9 +86,10 @@ class Supervisor(DomainRuntime):
         await self._teardown(vm, reason="qemu-died", keep=True)
         try:
             await self._launch(rec)
-        except GridvmError as exc:
+        except Exception as exc:
             log.error("%s: cannot restart it: %s", rec.name, exc)
-            self._retire(rec, "qemu-died")
+            if rec.uuid not in self.vms:      # (else it runs: only a later step failed)
+                self._retire(rec, "qemu-died")
 
     def _restart_allowed(self, rec: DomainRecord) -> bool:
         now = time.time()
