@@ -13,7 +13,10 @@ APT_PACKAGES=(
   conntrackd                          # directors mirror their connections (lb/ctsync.py)
   haproxy                             # bench/services.py compares virtual services with it
   python3-venv
+  chromium                            # tests/test_web*.py and bench/web.py drive it (Playwright)
 )
+# The web console's front-end packages (package.json) come from the npm registry.
+command -v npm >/dev/null || APT_PACKAGES+=(nodejs npm)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -34,4 +37,10 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/pip install -q --disable-pip-version-check -e '.[dev]'
+# xterm.js, uPlot, noVNC for the web console: node_modules/ is served by gridvmd (never fetched
+# at run time); `npm ci` only when package-lock.json changed since the last install.
+if ! cmp -s package-lock.json node_modules/.gridvm-installed.json 2>/dev/null; then
+  npm ci --no-audit --no-fund --loglevel=error
+  cp package-lock.json node_modules/.gridvm-installed.json
+fi
 echo "setup: done (.venv/bin/gridvm, .venv/bin/gridvmd)"

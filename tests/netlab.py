@@ -73,6 +73,12 @@ class LabEnv:
     def state(self) -> labmod.LabState:
         return labmod.load(self.name)
 
+    @property
+    def shared(self) -> Path:
+        """The lab's shared storage: the one directory every lab machine sees (its /tmp is
+        its own)."""
+        return labmod.shared_dir(self.state)
+
     def ns(self, host: str) -> str:
         return self.state.client.ns if host == "client" else self.state.host(host).ns
 

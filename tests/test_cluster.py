@@ -8,14 +8,18 @@ import contextlib
 import json
 import os
 import signal
+import ssl
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from netlab import LabEnv, lab_env, wait_for
 
+from gridvm.cluster.pki import Identity
 from gridvm.host import httpprobe, netns
 from gridvm.images.store import ImageInfo
 from gridvm.lab.agent import Agent
@@ -68,6 +72,18 @@ def qemus(cl: LabEnv, host: str, name: str) -> int:
     return len(qemu_pids(cl, host, name))
 
 
+def peer_answers(cl: LabEnv, host: str, tls: ssl.SSLContext) -> bool:
+    """Does `host`'s HTTPS API answer a peer presenting this certificate?"""
+    def call() -> bool:
+        try:
+            with httpx.Client(verify=tls, timeout=5) as c:
+                return c.get(f"https://{cl.addr(host)}:8002/v1/info").status_code == 200
+        except httpx.HTTPError:
+            return False
+    result: bool = netns.call_in(cl.ns("client"), call)
+    return result
+
+
 def test_bad_input(cl: LabEnv) -> None:
     assert "unknown host 'h9' (hosts: h1, h2, h3)" in cl.fails(
         "create", str(cl.write_cfg("nowhere", "bridge=xenbr0")), "--host", "h9", host="h1")
@@ -81,16 +97,23 @@ def test_bad_input(cl: LabEnv) -> None:
     assert "already in the cluster" in cl.fails("cluster", "join", "--etcd",
                                                 "http://10.77.0.3:2379", host="h1")
     assert views(cl) == {}
-    # a gridvmd outside the cluster (in the lab's client namespace): wrong etcd URLs
-    solo = Agent(cl.tmp / "solo", ns=cl.state.client.ns, accel="tcg")
+    # a gridvmd outside the cluster (in the lab's client namespace): no certificate, no
+    # server to enrol with, no --listen
+    solo = Agent(cl.tmp / "solo", ns=cl.state.client.ns, accel="tcg",
+                 args=["--listen", f"{cl.state.client.address.split('/')[0]}:8012"])
     solo.start(timeout=30)
     try:
-        for url, why in (("http://10.77.0.99:2379", "cannot reach etcd at http://10.77.0.99"),
-                         ("http://127.0.0.1:9", "cannot reach etcd at http://127.0.0.1:9")):
+        home = ["--home", str(solo.home.root)]
+        assert "no certificate of the cluster" in cl.fails(
+            *home, "cluster", "join", "--etcd", "https://10.77.0.3:2379")
+        pin = ["--token", "abcdef.0123456789abcdef", "--ca-hash", "sha256:" + "0" * 64]
+        for server, why in (("10.77.0.99", "cannot get the cluster CA from"),
+                            ("127.0.0.1:9", "cannot get the cluster CA from")):
             t0 = time.monotonic()
-            assert why in cl.fails("--home", str(solo.home.root), "cluster", "join",
-                                   "--etcd", url)
-            assert time.monotonic() - t0 < 10
+            assert why in cl.fails(*home, "cluster", "join", server, *pin)
+            assert time.monotonic() - t0 < 20
+        assert "no certificate" in cl.fails(*home, "cluster", "join", "--etcd",
+                                            "https://10.77.0.3:2379")
         assert not (solo.home.root / "cluster" / "config.json").exists()
         st = json.loads(cl.gridvm("--home", str(solo.home.root), "cluster", "status",
                                   "--json").stdout)
@@ -397,9 +420,16 @@ def test_remove_forgets_a_dead_host_and_frees_its_domains_names(cl: LabEnv) -> N
         "down", "fenced"), 60)
     assert "already in use" in cl.fails("create", str(cfg), "--host", survivor,
                                         host=survivor)
+    victim_cert = Identity(Path(cl.state.host(victim).home) / "pki").client_context()
+    assert peer_answers(cl, survivor, victim_cert)           # a member still: accepted
     out = json.loads(cl.gridvm("host", "remove", victim, "--json", host=survivor).stdout)
-    assert out == {"host": victim, "forgotten": ["plain1"]}
+    assert out["host"] == victim and out["forgotten"] == ["plain1"]
+    assert out["revoked_serial"].isdigit()
     assert victim not in hosts(cl, survivor)
+    # Its certificate is revoked: the survivor's TLS handshake refuses it (CRL reloaded
+    # within a heartbeat), before any handler runs.
+    wait_for("the survivor to refuse the removed host", lambda: not peer_answers(
+        cl, survivor, victim_cert), 15)
     cl.gridvm("create", str(cfg), "--host", survivor, host=survivor)   # the name is free
     assert cl.wait_http(cl.guest_ip(30)) == "plain1"
     cl.gridvm("destroy", "plain1", host=survivor)

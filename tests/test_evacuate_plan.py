@@ -7,8 +7,8 @@ from typing import Any, cast
 
 import pytest
 
-from gridvm.api.routes_cluster import evacuation_plan
 from gridvm.cluster.node import ClusterNode
+from gridvm.cluster.service import evacuation_plan
 from gridvm.cluster.settings import ClusterConfig
 from gridvm.config.model import DomainConfig
 from gridvm.errors import Conflict, NotFound, ResourceError
@@ -36,7 +36,7 @@ class FakeCluster:
         return self.registry
 
     def hosts(self) -> dict[str, dict[str, Any]]:
-        return {h: {"name": h, "api": f"/x/{h}/gridvmd.sock"} for h in self.states}
+        return {h: {"name": h, "url": f"https://10.0.0.{h[1:]}:8002"} for h in self.states}
 
 
 class FakeNode:
@@ -61,7 +61,7 @@ def test_plan_excludes_the_host_honours_groups_and_goes_largest_first() -> None:
     p = plan_of(c, "h2")
     assert [(m["domain"], m["to"]) for m in p["moves"]] == [("big", "h3"), ("small", "h1")]
     assert p["left"] == [{"domain": "off", "uuid": "uuid-off", "state": "shutoff"}]
-    assert p["api"] == "/x/h2/gridvmd.sock"
+    assert p["url"] == "https://10.0.0.2:8002"
 
 
 def test_no_room_names_the_domain_and_each_hosts_reason() -> None:

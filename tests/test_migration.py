@@ -10,9 +10,10 @@ file `<dir>/<phase>` exists the source waits at that phase and touches `<phase>.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,11 +26,13 @@ from netlab import LabEnv, lab_env
 
 from gridvm.api.client import Client
 from gridvm.host import httpprobe, netns, procs
-from gridvm.host.migration import HOLD_ENV, RELOCATION_PORT
+from gridvm.host.migration import HOLD_ENV
 from gridvm.images.store import ImageInfo
 from gridvm.paths import Home
 
 pytestmark = pytest.mark.guest
+
+API_PORT = 8002
 
 _pool = ThreadPoolExecutor(max_workers=4)
 
@@ -37,13 +40,15 @@ _pool = ThreadPoolExecutor(max_workers=4)
 @pytest.fixture(scope="module")
 def lab(tiny_image: ImageInfo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabEnv]:
     tmp = tmp_path_factory.mktemp("miglab")
-    (tmp / "hold").mkdir()
+    # The daemons' test gates: outside /tmp, which each lab machine has its own of.
+    hold = Path(tempfile.mkdtemp(prefix="gvhold", dir="/var/tmp"))
     old = os.environ.get(HOLD_ENV)
-    os.environ[HOLD_ENV] = str(tmp / "hold")     # inherited by the lab's daemons
+    os.environ[HOLD_ENV] = str(hold)             # inherited by the lab's daemons
     try:
         with lab_env(tiny_image, tmp) as env:
             yield env
     finally:
+        shutil.rmtree(hold, ignore_errors=True)
         if old is None:
             os.environ.pop(HOLD_ENV, None)
         else:
@@ -276,7 +281,7 @@ def test_copy_storage_moves_the_data_disk(lab: LabEnv) -> None:
     assert lab.http(ip, "/fill?mb=16", timeout=60).startswith("filled 16 MB")
     before = lab.http(ip, "/sum?mb=16", timeout=60)
     # shared storage in the lab: both hosts see the same file, so copying it is refused
-    shared = Path(lab.tmp) / "shared.img"
+    shared = lab.shared / "shared.img"
     procs.run(["qemu-img", "create", "-q", "-f", "raw", str(shared), "8M"])
     boot(lab, "h1", "sharer", 4, f"disk = [ 'file:{shared},xvdb,w' ]")
     assert "is the same file on both hosts" in migrate(
@@ -301,7 +306,7 @@ def test_copy_storage_moves_the_data_disk(lab: LabEnv) -> None:
 def test_save_on_one_host_restore_on_the_other(lab: LabEnv) -> None:
     ip = boot(lab, "h1", "saved", 5)
     boot_id = lab.http(ip, "/bootid")
-    save = Path(lab.tmp) / "saved.save"
+    save = lab.shared / "saved.save"
     lab.gridvm("save", "saved", str(save), host="h1")
     assert running_on(lab, "saved") == []
     out = lab.gridvm("restore", str(save), "--host", f"{lab.name}/h2").stdout
@@ -401,7 +406,7 @@ def test_source_gridvmd_killed_after_the_switch_destination_owns_it(lab: LabEnv)
 
 
 def test_a_copy_that_cannot_converge_is_cancelled_or_auto_converges(lab: LabEnv) -> None:
-    disk = Path(lab.tmp) / "dirty.img"
+    disk = lab.shared / "dirty.img"
     procs.run(["qemu-img", "create", "-q", "-f", "raw", str(disk), "64M"])
     ip = boot(lab, "h1", "dirty", 11, f"disk = [ 'file:{disk},xvdb,w' ]")
     stop = threading.Event()
@@ -436,7 +441,7 @@ def test_second_migration_and_destroy_are_refused_during_a_migration(lab: LabEnv
     fut = migrate_bg(lab, "busy", "h1", "h2", "--live", "--bandwidth", "2")
     wait_for("the copy", lambda: source_job(lab, "h1").get("phase") == "memory")
     for args in (("migrate", "--live", "busy", f"{lab.name}/h2"), ("destroy", "busy"),
-                 ("save", "busy", str(Path(lab.tmp) / "busy.save"))):
+                 ("save", "busy", str(lab.shared / "busy.save"))):
         assert "domain busy is migrating; try again when it is done" in lab.fails(
             *args, host="h1")
     assert lab.gridvm("migrate", "--cancel", "busy", host="h1").stdout.startswith(
@@ -468,25 +473,48 @@ def test_bad_input_changes_nothing(lab: LabEnv) -> None:
     lab.gridvm("destroy", "twin", host="h1")
 
 
-def test_relocation_api_over_tcp_needs_the_token_and_serves_nothing_else(lab: LabEnv) -> None:
+def test_the_tcp_api_takes_only_certificates_of_the_cluster(lab: LabEnv,
+                                                            tmp_path: Path) -> None:
+    """Over TCP the API is served to peers with a certificate of the lab's CA: no
+    certificate, or one from another CA, and the TLS handshake refuses the peer before any
+    handler runs; the enrolment port serves only the CA and enrolment."""
+    import ssl
+
+    import httpx
+
+    from gridvm.cluster.pki import Ca, Identity
+    from gridvm.lab import pki
+
     h2 = lab.addr("h2")
-    token = (Path(lab.state.host("h2").home) / "relocation.token").read_text().strip()
+    stranger = Identity(tmp_path / "stranger")
+    other = Ca.create("other")
+    key, cert = other.issue("intruder", [])
+    stranger.save(key, cert, pki.load_ca(Path(lab.state.root)).cert)   # trusts our CA
 
-    def get(path: str, token: str | None) -> tuple[int, Any]:
-        import http.client
-
-        def call() -> tuple[int, Any]:
-            conn = http.client.HTTPConnection(h2, RELOCATION_PORT, timeout=5)
-            headers = {"Authorization": f"Bearer {token}"} if token else {}
-            conn.request("GET", path, headers=headers)
-            resp = conn.getresponse()
-            return resp.status, json.loads(resp.read())
-        result: tuple[int, Any] = netns.call_in(lab.ns("client"), call)
+    def get(url: str, ctx: ssl.SSLContext | bool) -> tuple[int, Any] | str:
+        def call() -> tuple[int, Any] | str:
+            try:
+                with httpx.Client(verify=ctx, timeout=5) as c:
+                    r = c.get(url)
+                    return r.status_code, r.json()
+            except httpx.HTTPError as exc:
+                return type(exc).__name__
+        result: tuple[int, Any] | str = netns.call_in(lab.ns("client"), call)
         return result
 
-    assert get("/v1/relocation/nosuch", None) == (
-        401, {"error": "wrong or missing relocation token", "type": "GridvmError"})
-    assert get("/v1/relocation/nosuch", "wrong")[0] == 401
-    assert get("/v1/relocation/nosuch", token)[0] == 404      # authorised; no such migration
-    status, body = get("/v1/domains", token)                  # the full API stays local
-    assert status == 404 and "only the relocation API" in body["error"]
+    admin = pki.admin(Path(lab.state.root)).client_context()
+    no_cert = ssl.create_default_context(cafile=str(pki.admin(Path(lab.state.root)).ca))
+    api = f"https://{h2}:{API_PORT}"
+    refused = {"ConnectError", "RemoteProtocolError", "ReadError"}   # TLS 1.3: after Finished
+    assert get(f"{api}/v1/domains", no_cert) in refused
+    assert get(f"{api}/v1/domains", stranger.client_context()) in refused
+    assert get(f"{api}/v1/relocation/nosuch", admin)[0] == 404       # authorised; no job
+    ok = get(f"{api}/v1/domains", admin)
+    assert isinstance(ok, tuple) and ok[0] == 200
+    enrol = f"https://{h2}:{API_PORT + 1}"
+    ca = get(f"{enrol}/v1/pki/ca", False)
+    assert isinstance(ca, tuple) and ca[0] == 200 and "BEGIN CERTIFICATE" in ca[1]["ca"]
+    assert get(f"{enrol}/v1/domains", False)[0] == 404                 # nothing else there
+    assert views(lab, "h2") == []
+
+

@@ -33,3 +33,20 @@ class ResourceError(GridvmError):
 
 class QemuError(GridvmError):
     """QEMU failed to start or answered a command with an error."""
+
+
+class PeerUnreachable(GridvmError):
+    """Another host's gridvmd does not answer (down, partitioned, refused our certificate)."""
+
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
+
+
+def error_kind(name: str) -> type[GridvmError]:
+    """The error class an API answer's `type` names (GridvmError for anything else)."""
+    kinds: dict[str, type[GridvmError]] = {
+        "NotFound": NotFound, "Conflict": Conflict, "ConfigError": ConfigError,
+        "ResourceError": ResourceError, "QemuError": QemuError,
+    }
+    return kinds.get(name, GridvmError)

@@ -118,7 +118,7 @@ def run(*, say: Callable[[str], None], warmup: float = 5.0, settle: float = 5.0,
     say(f"lab {state.name}: two hosts, etcd, lease TTL {TTL}s")
     labmod.up(state)
     lan = ".".join(state.subnet.split(".")[:3])
-    clients = {h.name: Client(Home(Path(h.home)), timeout=300) for h in state.hosts}
+    clients = {h.name: labmod.client(state, h, 300) for h in state.hosts}
     drivers: dict[str, Driver] = {}
     try:
         names = []

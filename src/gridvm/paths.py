@@ -58,6 +58,11 @@ class Home:
         return self.root / "run"
 
     @property
+    def pki(self) -> Path:
+        """The host's key and certificate, its cluster's CA and CRL."""
+        return self.root / "pki"
+
+    @property
     def logs(self) -> Path:
         return self.root / "logs"
 

@@ -14,12 +14,18 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException
 
+from gridvm.api import actions
+from gridvm.api.client import AppClient
+from gridvm.api.console import console_routes
 from gridvm.api.limits import BodyLimit
 from gridvm.api.routes_cluster import ClusterRouter, cluster_routes
 from gridvm.api.routes_migration import migration_routes, migration_service
 from gridvm.api.routes_network import network_router
 from gridvm.api.routes_resources import resource_routes
 from gridvm.api.routes_stats import stats_routes
+from gridvm.api.tasks import TaskRequest, Tasks, task_routes
+from gridvm.api.tokens import TokenStore, token_routes
+from gridvm.cluster.evacuation import Evacuations
 from gridvm.cluster.node import ClusterNode
 from gridvm.config.model import DomainConfig, Path_
 from gridvm.errors import ConfigError, Conflict, GridvmError, NotFound, QemuError, ResourceError
@@ -103,31 +109,50 @@ def _tail(path: Path, lines: int) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def make_app(manager: HostManager) -> FastAPI:
-    """The API over one HostManager; its lifespan starts and closes the manager."""
+def make_app(manager: HostManager, cluster_node: ClusterNode | None = None) -> FastAPI:
+    """The API over one HostManager; its lifespan starts and closes the manager (and the
+    node's cluster membership, and with a certificate the TCP listeners)."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await node.resume()  # a clustered home rejoins before its domains are re-adopted
         await manager.start()
         await migrations.reconcile()  # settle migrations a previous gridvmd left half-way
+        if node.files.identity.exists():
+            await node.on_identity()
+        tasks.reconcile()             # tasks a previous gridvmd left running have failed
         try:
             yield
         finally:
+            await tasks.close()
+            await inproc.aclose()
+            tokens.close()
+            await evacuations.close()
             await migrations.close()
             await manager.close()
             await node.close()
 
-    node = ClusterNode(manager)
+    node = cluster_node or ClusterNode(manager)
+    evacuations = Evacuations(node)
     migrations = migration_service(manager)
     app = FastAPI(title="gridvmd", lifespan=lifespan, responses=ERROR_RESPONSES)
     app.add_middleware(ClusterRouter, node=node)
     app.add_middleware(BodyLimit)           # outermost: before any handler reads a body
-    app.include_router(cluster_routes(node))
+    app.include_router(cluster_routes(node, evacuations))
+    app.include_router(console_routes(manager, node))
     m = manager
     app.include_router(resource_routes(m))
     app.include_router(stats_routes(m))
-    app.include_router(migration_routes(migrations))
+    app.include_router(migration_routes(migrations, node.url_of))
+    tasks, tokens, inproc = Tasks(m.home), TokenStore.of(m.home), AppClient(app)
+    app.state.tasks, app.state.tokens = tasks, tokens
+
+    async def start_task(req: TaskRequest) -> dict[str, Any]:
+        target, run = await actions.prepare(inproc, req)
+        return tasks.start(req.action, target, req.user, run)
+
+    app.include_router(task_routes(tasks, start_task))
+    app.include_router(token_routes(tokens))
 
     @app.exception_handler(GridvmError)
     async def _gridvm_error(_: Request, exc: GridvmError) -> JSONResponse:
@@ -226,12 +251,20 @@ def make_app(manager: HostManager) -> FastAPI:
     @app.get("/v1/domains/{ref}/console")
     async def console(ref: str) -> dict[str, Any]:
         vm = m.running(ref)
-        return {"socket": str(vm.serial_socket), "log": str(vm.console_log)}
+        return {"socket": str(vm.serial_socket), "log": str(vm.console_log),
+                "stream": f"/v1/domains/{vm.rec.uuid}/console/stream"}
 
     @app.get("/v1/domains/{ref}/dmesg")
     async def dmesg(ref: str, lines: int = 200) -> dict[str, Any]:
         vm = m.running(ref)
         return {"text": _tail(vm.console_log, lines)}
+
+    @app.get("/v1/images")
+    async def images() -> list[dict[str, Any]]:
+        from gridvm.images.store import list_images
+
+        return [{**i.to_json(), "kernel_version": i.kernel_version, "recipe": i.recipe,
+                 "hvm": i.disk is not None} for i in list_images(m.home.images)]
 
     @app.get("/v1/log")
     async def daemon_log(lines: int = 200) -> dict[str, Any]:

@@ -1,4 +1,8 @@
-"""gridvmd: the per-host agent. One per home; guests survive its restarts."""
+"""gridvmd: the per-host agent. One per home; guests survive its restarts.
+
+Upper layers add parts to it (`DaemonPart`: the web console) through `main(parts=…)`; the
+`gridvmd` command (`gridvm.gridvmd`) is this daemon with every part.
+"""
 
 from __future__ import annotations
 
@@ -10,16 +14,25 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Generator, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import uvicorn
 from pyroute2 import netns as pyroute2_netns
 
 from gridvm.api.app import make_app
-from gridvm.api.relocation import Allowlist, RelocationGuard, bind_sockets, load_token
+from gridvm.api.hostpeer import ApiPeers
+from gridvm.api.listeners import Allowlist, PeerGuard, Sockets, bind_sockets
+from gridvm.api.routes_pki import enroll_app
 from gridvm.api.routes_services import service_router
+from gridvm.api.tasks import Tasks
+from gridvm.api.tokens import TokenStore
+from gridvm.cluster.node import ClusterNode
+from gridvm.cluster.pki import Identity
+from gridvm.cluster.settings import Files
 from gridvm.cluster.vips import ClusterPeers
 from gridvm.errors import GridvmError
 from gridvm.host.manager import HostManager
@@ -27,6 +40,47 @@ from gridvm.host.networks import NetworkManager
 from gridvm.lb.services import ServiceManager
 from gridvm.paths import Home
 from gridvm.store.sqlite import SqliteStore
+
+log = logging.getLogger("gridvm.api")
+
+
+@dataclass(frozen=True)
+class Daemon:
+    """What a part of gridvmd can use: the API app (with its routes, tasks and tokens)."""
+
+    home: Home
+    manager: HostManager
+    node: ClusterNode     # cluster membership (consoles of domains on other hosts)
+    app: Any              # the FastAPI app (ASGI)
+    tasks: Tasks
+    tokens: TokenStore
+
+
+class SideServer(uvicorn.Server):
+    """A server run beside the API's own: the API's server handles the signals for both."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+Served = tuple[SideServer, list[socket.socket]]
+
+
+class DaemonPart(Protocol):
+    """A part an upper layer adds to gridvmd (e.g. the web console)."""
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """Its command-line options."""
+        ...
+
+    def configure(self, args: argparse.Namespace, home: Home) -> None:
+        """Check its options and bind its sockets before the daemon runs (GridvmError)."""
+        ...
+
+    def attach(self, daemon: Daemon) -> list[Served]:
+        """Add its routes to the app; servers of its own to run beside the API's."""
+        ...
 
 
 def _lock(home: Home) -> int:
@@ -72,44 +126,133 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-async def serve(home: Home, accel: str, sockets: list[socket.socket],
-                guard: tuple[str, Allowlist] | None = None) -> None:
-    """Serve the API on `sockets` (Unix, and TCP with `guard` = (token, allowlist))."""
+class TcpListeners:
+    """The API over mutual TLS and the enrolment port, served once the host has a
+    certificate; the CRL is reloaded into the live TLS context when it changes."""
+
+    def __init__(self, socks: Sockets, identity: Identity) -> None:
+        self.socks = socks
+        self.identity = identity
+        self.api_app: Any = None
+        self.enroll_app: Any = None
+        self._tls: ssl.SSLContext | None = None
+        self._cert: bytes | None = None
+        self._bg: set[asyncio.Task[None]] = set()
+        self._servers: list[tuple[SideServer, asyncio.Task[None]]] = []
+
+    async def start(self) -> None:
+        """Serve with the host's certificate; serve again if it changed (a host that was
+        given a lab's certificate and then made or joined a cluster of its own)."""
+        if self.socks.api is None or self.socks.enroll is None or not self.identity.exists():
+            return
+        cert = self.identity.cert.read_bytes()
+        if self._servers and cert == self._cert:
+            return
+        if self._servers:
+            await self.stop()
+            self.socks.rebind()       # the old listening sockets were closed with them
+        self._cert = cert
+        self._tls = self.identity.server_context()
+        plain = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)      # enrolment: no client certificate
+        plain.minimum_version = ssl.TLSVersion.TLSv1_2
+        plain.load_cert_chain(self.identity.cert, self.identity.key)
+        for app, sock, ctx in ((self.api_app, self.socks.api, self._tls),
+                               (self.enroll_app, self.socks.enroll, plain)):
+            config = uvicorn.Config(app, lifespan="off", log_level="warning",
+                                    timeout_graceful_shutdown=5)
+            config.load()
+            config.ssl = ctx
+            server = SideServer(config)
+            self._servers.append((server, asyncio.create_task(server.serve(sockets=[sock]))))
+        log.info("serving the API on %s (mutual TLS) and enrolment on port %d", self.socks.url,
+                 self.socks.port + 1)
+
+    async def start_soon(self) -> None:
+        """`start` in the background (a request arriving over the TCP API must not wait for
+        its own server to be replaced), waiting for it a little."""
+        task = asyncio.create_task(self.start())
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(task), 2)
+
+    def reload_crl(self) -> None:
+        if self._tls is not None and self.identity.crl.exists():
+            self._tls.load_verify_locations(cafile=str(self.identity.crl))
+            self._tls.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+            log.info("certificate revocation list reloaded")
+
+    async def stop(self) -> None:
+        for server, _ in self._servers:
+            server.should_exit = True
+        for _, task in self._servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(task, 10)
+        self._servers.clear()
+
+
+async def serve(home: Home, accel: str, socks: Sockets, allow: Allowlist,
+                parts: Sequence[DaemonPart] = ()) -> None:
+    """Serve the API on the Unix socket and, with --listen, on TCP (mutual TLS), and
+    whatever `parts` add."""
     store = SqliteStore(home.db)
     manager = HostManager(home, store, accel=accel)
     manager.net = net = NetworkManager(home, store)
     await net.start()  # rebuild networks and reconcile leftovers before domains are adopted
-    sock = home.api_socket
+    identity = Files(home).identity
+    tcp = TcpListeners(socks, identity)
+    node = ClusterNode(manager, url=socks.url, address=socks.address,
+                       on_identity=tcp.start_soon)
+    peers = ApiPeers(identity, node.url_of)
+    node.peers = peers
+
+    def crl_changed() -> None:
+        tcp.reload_crl()
+        peers.reload()
+
+    node.on_crl = crl_changed
     services = ServiceManager(manager, ClusterPeers(manager))
-    app = make_app(manager)
+    app = make_app(manager, node)
     app.include_router(service_router(services))
+    daemon = Daemon(home, manager, node, app, app.state.tasks, app.state.tokens)
+    side = [served for part in parts for served in part.attach(daemon)]
+    tcp.api_app = PeerGuard(app, allow)
+    tcp.enroll_app = enroll_app(node)
     await services.start()  # health checks; the nft table and VIPs outlive the daemon
-    asgi: Any = RelocationGuard(app, *guard) if guard else app
-    config = uvicorn.Config(asgi, uds=str(sock), log_level="warning",
+    config = uvicorn.Config(app, uds=str(home.api_socket), log_level="warning",
                             lifespan="on", timeout_graceful_shutdown=5)
     server = _Server(config)
+    side_tasks = [asyncio.create_task(s.serve(sockets=ss)) for s, ss in side]
     try:
-        await server.serve(sockets=sockets)
+        await server.serve(sockets=[socks.unix])
     finally:
+        for s, _ in side:
+            s.should_exit = True
+        await asyncio.gather(*side_tasks, return_exceptions=True)
+        await tcp.stop()
         await services.close()
-        sock.unlink(missing_ok=True)
+        home.api_socket.unlink(missing_ok=True)
         store.close()
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="gridvmd", description=__doc__)
+def main(argv: list[str] | None = None, parts: Sequence[DaemonPart] = ()) -> None:
+    parser = argparse.ArgumentParser(prog="gridvmd", description="gridvmd: the per-host "
+                                     "agent. One per home; guests survive its restarts.")
     parser.add_argument("--home", help="state directory (default $GRIDVM_HOME or /var/lib/gridvm)")
     parser.add_argument("--accel", choices=["auto", "kvm", "tcg"],
                         default=os.environ.get("GRIDVM_ACCEL", "auto"))
     parser.add_argument("--netns", help="run inside this network namespace (lab hosts)")
     parser.add_argument("--listen", metavar="ADDR[:PORT]", default=os.environ.get("GRIDVM_LISTEN"),
-                        help="also serve the relocation API on TCP (port 8002 by default; "
-                        "needs the shared token in $GRIDVM_TOKEN or HOME/relocation.token)")
+                        help="serve the API to the cluster's hosts on this address: HTTPS "
+                        "with mutual TLS on PORT (8002), enrolment of new hosts on PORT+1; "
+                        "needed to be in a cluster or to migrate")
     parser.add_argument("--relocation-hosts-allow", metavar="LIST",
                         default=os.environ.get("GRIDVM_RELOCATION_HOSTS_ALLOW", ""),
-                        help="peers allowed to migrate domains here: IPs, CIDRs or regexes "
-                        "(default: any peer with the token)")
+                        help="peers allowed on the TCP API: IPs, CIDRs or regexes "
+                        "(default: any peer with a certificate of the cluster)")
     parser.add_argument("-v", "--verbose", action="store_true")
+    for part in parts:
+        part.add_arguments(parser)
     args = parser.parse_args(argv)
     home = Home.resolve(args.home)
     try:
@@ -120,18 +263,18 @@ def main(argv: list[str] | None = None) -> None:
         home.secure()
         lock = _lock(home)
         allow = Allowlist(args.relocation_hosts_allow)
-        sockets = bind_sockets(home, args.listen)          # checks --listen
-        guard = (load_token(home, create=True), allow) if args.listen else None
-        if args.listen:     # peers in a cluster ask where to migrate to (evacuate)
-            os.environ["GRIDVM_LISTEN"] = args.listen
+        socks = bind_sockets(home, args.listen)          # checks --listen
+        for part in parts:
+            part.configure(args, home)
     except (GridvmError, OSError) as exc:
         print(f"gridvmd: error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
     _logging(home, args.verbose)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
-        asyncio.run(serve(home, args.accel, sockets, guard))
+        asyncio.run(serve(home, args.accel, socks, allow, parts))
     finally:
+        socks.close()
         os.close(lock)
 
 

@@ -7,8 +7,10 @@ routed (header x-gridvm-local), it:
   registry's records of domains on hosts that are down;
 * `POST /v1/domains`: checks the name cluster-wide, places the domain (`?host=H` forces
   a host) and sends the request to that host's gridvmd;
-* `/v1/domains/{ref}[/…]`: when `ref` is not a local domain, forwards the request to the
-  gridvmd of the host that has it.
+* `/v1/domains/{ref}[/…]` and `/v1/stats/{ref}/history`: when `ref` is not a local domain,
+  forwards the request to the gridvmd of the host that has it;
+* any request with the header x-gridvm-host: H (H not this host): forwards it to H's gridvmd
+  (following a migration job on its source host, another host's networks or stats).
 Everything else reaches the local API unchanged.
 """
 
@@ -16,40 +18,70 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import urllib.parse
 from typing import Any
 
-import httpx
 from fastapi import APIRouter
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gridvm.api.relocation import parse_listen
+from gridvm.api.client import HOST_HEADER
+from gridvm.cluster import enroll
+from gridvm.cluster.evacuation import Evacuations
+from gridvm.cluster.membership import InitRequest, JoinRequest
 from gridvm.cluster.node import LOCAL_HEADER, ClusterNode
-from gridvm.cluster.placement import ACTIVE, Demand, NoHostFits, loads_from, place, why_not
-from gridvm.cluster.settings import ClusterConfig
-from gridvm.config.model import DomainConfig
-from gridvm.errors import Conflict, GridvmError, NotFound, ResourceError
-
-LISTEN_ENV = "GRIDVM_LISTEN"    # gridvmd --listen, for peers asking where to migrate to
+from gridvm.cluster.service import (
+    choose_host,
+    evacuation_plan,
+    host_list,
+    remove_host,
+    revoke_member,
+    set_maintenance,
+)
+from gridvm.config.model import DomainConfig, HostRef
+from gridvm.errors import Conflict, GridvmError, NotFound
 
 
 class MaintenanceRequest(BaseModel):
     on: bool
 
 
-def cluster_routes(node: ClusterNode) -> APIRouter:
+class RevokeRequest(BaseModel):
+    name: HostRef
+
+
+class EvacuateRequest(BaseModel):
+    timeout: float = Field(default=600, gt=0, le=86400)
+
+
+class TokenRequest(BaseModel):
+    role: enroll.Role = "host"
+    ttl: float = Field(default=enroll.TOKEN_TTL_S, gt=0, le=30 * 86400)
+
+
+def cluster_routes(node: ClusterNode, evacuations: Evacuations) -> APIRouter:
     router = APIRouter(prefix="/v1/cluster")
 
     @router.get("")
     async def status() -> dict[str, Any]:
         return await asyncio.to_thread(node.status)
 
+    @router.post("/init")
+    async def init(req: InitRequest) -> dict[str, Any]:
+        return await node.init(req)
+
     @router.post("/join")
-    async def join(cfg: ClusterConfig) -> dict[str, Any]:
-        return await node.join(cfg)
+    async def join(req: JoinRequest) -> dict[str, Any]:
+        return await node.join(req)
+
+    @router.post("/revoke")
+    async def revoke(req: RevokeRequest) -> dict[str, Any]:
+        return await asyncio.to_thread(revoke_member, node, req.name)
+
+    @router.post("/token")
+    async def token(req: TokenRequest) -> dict[str, Any]:
+        return await node.token(role=req.role, ttl_s=req.ttl)
 
     @router.get("/hosts")
     async def hosts() -> list[dict[str, Any]]:
@@ -65,152 +97,25 @@ def cluster_routes(node: ClusterNode) -> APIRouter:
 
     @router.get("/hosts/{name}/evacuation")
     async def evacuation(name: str) -> dict[str, Any]:
-        plan = await asyncio.to_thread(evacuation_plan, node, name)
-        for step in plan["moves"]:
-            step["target"] = await asyncio.to_thread(relocation_of, node, step["to"])
-        return plan
+        return await asyncio.to_thread(evacuation_plan, node, name)
 
-    @router.get("/relocation")
-    async def relocation() -> dict[str, Any]:
-        return {"address": relocation_address()}
+    @router.post("/hosts/{name}/evacuate")
+    async def evacuate(name: str, req: EvacuateRequest) -> dict[str, Any]:
+        return (await evacuations.start(name, req.timeout)).view()
+
+    @router.get("/evacuations")
+    async def evacuation_jobs() -> list[dict[str, Any]]:
+        return [j.view() for j in evacuations.jobs.values()]
+
+    @router.get("/evacuations/{jid}")
+    async def evacuation_job(jid: str) -> dict[str, Any]:
+        return evacuations.job(jid).view()
+
+    @router.post("/evacuations/{jid}/cancel")
+    async def evacuation_cancel(jid: str) -> dict[str, Any]:
+        return evacuations.cancel(jid).view()
 
     return router
-
-
-MOVABLE = ("running", "blocked", "paused")
-
-
-def relocation_address() -> str | None:
-    """This gridvmd's relocation address (ADDR:PORT), if it listens on TCP."""
-    listen = os.environ.get(LISTEN_ENV, "").strip()
-    if not listen:
-        return None
-    host, port = parse_listen(listen)
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def relocation_of(node: ClusterNode, host: str) -> str:
-    """Another host's relocation address, asked of its gridvmd."""
-    c = node.peer(host, timeout=10)
-    try:
-        address = c.get("/cluster/relocation").get("address")
-    finally:
-        c.close()
-    if not address:
-        raise Conflict(f"host {host}'s gridvmd does not listen for migrations "
-                       "(gridvmd --listen ADDR)")
-    return str(address)
-
-
-def evacuation_plan(node: ClusterNode, name: str) -> dict[str, Any]:
-    """Where each running domain of `name` goes, by placement over the other hosts (largest
-    first, each placement counting against its host). Raises before anything moves: the
-    host is unknown or down, or some domain fits nowhere (with each host's reason)."""
-    ccfg, cluster = node.need()
-    states = cluster.host_states()
-    if name not in states:
-        raise NotFound(f"unknown host {name!r} (hosts: {', '.join(sorted(states))})")
-    if states[name] not in ("up", "maintenance"):
-        raise Conflict(f"host {name} is {states[name]}: there is nothing to migrate from it "
-                       "(HA restarts its domains elsewhere)")
-    registry = cluster.domains()
-    loads = loads_from(states, cluster.capacity(), registry)
-    others = [h for n, h in sorted(loads.items()) if n != name]
-    mine = sorted(((uuid, DomainConfig.model_validate(rec["config"]), rec)
-                   for uuid, rec in registry.items() if rec.get("host") == name),
-                  key=lambda t: (-Demand.of(t[1]).memory_mb, -Demand.of(t[1]).cpu, t[1].name))
-    moves: list[dict[str, Any]] = []
-    left: list[dict[str, Any]] = []
-    for uuid, cfg, rec in mine:
-        if rec.get("state") not in MOVABLE:
-            left.append({"domain": cfg.name, "uuid": uuid, "state": rec.get("state")})
-            continue
-        demand = Demand.of(cfg)
-        try:
-            dest = place(demand, others, cpu_ratio=ccfg.cpu_ratio)
-        except NoHostFits as exc:
-            raise ResourceError(f"cannot evacuate {name}: {exc}; nothing was moved") from None
-        dest.add(demand)
-        moves.append({"domain": cfg.name, "uuid": uuid, "from": name, "to": dest.name,
-                      "memory_mb": demand.memory_mb, "state": rec.get("state")})
-    return {"host": name, "state": states[name], "api": cluster.hosts()[name].get("api"),
-            "moves": moves, "left": left}
-
-
-def host_list(node: ClusterNode) -> list[dict[str, Any]]:
-    """Every joined host: state, capacity, load and domains."""
-    _, cluster = node.need()
-    states = cluster.host_states()
-    caps = cluster.capacity()
-    registry = cluster.domains()
-    loads = loads_from(states, caps, registry)
-    leader = node.election.leader() if node.election else None
-    rows = []
-    for name, state in sorted(states.items()):
-        load, cap = loads[name], caps.get(name, {})
-        rows.append({
-            "name": name, "state": state, "leader": name == leader,
-            "cpus": cap.get("cpus"), "memory_mb": cap.get("memory_mb"),
-            "used_mb": load.used_mb, "used_cpu": round(load.used_cpu, 2),
-            "load": cap.get("load"), "domains": sorted(
-                str(r["name"]) for r in registry.values() if r.get("host") == name)})
-    return rows
-
-
-def set_maintenance(node: ClusterNode, name: str, on: bool) -> dict[str, Any]:
-    _, cluster = node.need()
-    key = cluster.key("hosts", name)
-    rec = cluster.etcd.get_json(key)
-    if rec is None:
-        raise NotFound(f"unknown host {name!r} (hosts: {', '.join(cluster.hosts())})")
-    cluster.etcd.put_json(key, {**rec, "maintenance": on})
-    return {"host": name, "maintenance": on}
-
-
-def remove_host(node: ClusterNode, name: str) -> dict[str, Any]:
-    """Forget a host that is gone for good: its entry, and the registry records of its
-    domains (their names become free to use again). Refused for this host, for a host that
-    is up or in maintenance (evacuate it and stop it first), and while HA domains of it
-    still wait for the HA manager to restart them elsewhere."""
-    ccfg, cluster = node.need()
-    states = cluster.host_states()
-    if name not in states:
-        raise NotFound(f"unknown host {name!r} (hosts: {', '.join(sorted(states))})")
-    if name == ccfg.host:
-        raise Conflict(f"host {name} cannot remove itself; run this on another host")
-    if states[name] not in ("down", "fenced"):
-        raise Conflict(f"host {name} is {states[name]}: only a host that is down can be "
-                       "removed (evacuate it, then stop its gridvmd)")
-    mine = {uuid: rec for uuid, rec in cluster.domains().items() if rec.get("host") == name}
-    waiting = sorted(str(r["name"]) for r in mine.values() if r.get("ha", "off") != "off"
-                     and r.get("state") in (*ACTIVE, "lost"))
-    if waiting:
-        raise Conflict(f"host {name} still has HA domains waiting to be restarted elsewhere: "
-                       f"{', '.join(waiting)}; try again once they run")
-    for uuid, rec in mine.items():
-        cluster.forget_domain(uuid, str(rec.get("name", "")))
-    cluster.forget_host(name)
-    return {"host": name, "forgotten": sorted(str(r.get("name")) for r in mine.values())}
-
-
-def choose_host(node: ClusterNode, cfg: DomainConfig, forced: str | None) -> str:
-    """The host a new domain goes to (placement, or the forced one if it can run it)."""
-    ccfg, cluster = node.need()
-    existing = cluster.find_domain(cfg.name)
-    if existing is not None:
-        raise Conflict(f"domain name {cfg.name!r} is already in use in the cluster "
-                       f"on host {existing.get('host')}")
-    states = cluster.host_states()
-    loads = loads_from(states, cluster.capacity(), cluster.domains())
-    demand = Demand.of(cfg)
-    if forced:
-        if forced not in loads:
-            raise NotFound(f"unknown host {forced!r} (hosts: {', '.join(sorted(loads))})")
-        if loads[forced].state != "up":  # forcing skips placement, not host health
-            why = why_not(demand, loads[forced], cpu_ratio=ccfg.cpu_ratio)
-            raise ResourceError(f"host {forced} cannot take domain {cfg.name}: {why}")
-        return forced
-    return place(demand, list(loads.values()), cpu_ratio=ccfg.cpu_ratio).name
 
 
 class ClusterRouter:
@@ -226,13 +131,21 @@ class ClusterRouter:
             await self.app(scope, receive, send)
             return
         path, method = scope["path"], scope["method"]
+        host = _header(scope, HOST_HEADER)
         try:
-            if path == "/v1/domains" and method == "GET":
-                resp: Response | None = JSONResponse(await self._list())
+            if host is not None and host != self.node.need()[0].host:
+                resp: Response | None = await self._proxy(
+                    host, method, path, await _body(receive),
+                    scope.get("query_string", b"").decode())
+            elif path == "/v1/domains" and method == "GET":
+                resp = JSONResponse(await self._list())
             elif path == "/v1/domains" and method == "POST":
                 resp = await self._create(scope, await _body(receive))
-            elif path.startswith("/v1/domains/"):
+            elif path.startswith("/v1/domains/") or (
+                    path.startswith("/v1/stats/") and path.endswith("/history")):
                 resp = await self._route(scope, receive, path.split("/")[3])
+            elif path.startswith("/v1/migrations/"):
+                resp = await self._at_host(scope)
             else:
                 resp = None
         except GridvmError as exc:
@@ -247,17 +160,16 @@ class ClusterRouter:
 
     async def _proxy(self, host: str, method: str, path: str, body: bytes = b"",
                      query: str = "") -> Response:
-        sock = await asyncio.to_thread(self.node.peer_socket, host)
-        transport = httpx.AsyncHTTPTransport(uds=str(sock))
-        async with httpx.AsyncClient(transport=transport, base_url="http://gridvmd",
-                                     timeout=900) as c:
-            try:
-                r = await c.request(method, path + (f"?{query}" if query else ""), content=body,
-                                    headers={LOCAL_HEADER: "1",
-                                             "content-type": "application/json"})
-            except httpx.HTTPError as exc:
-                raise GridvmError(f"host {host}'s gridvmd does not answer: {exc}") from exc
-        return Response(r.content, status_code=r.status_code, media_type="application/json")
+        if self.node.peers is None:
+            raise Conflict("this gridvmd cannot reach other hosts")
+        peer = await self.node.peers.peer(host)
+        try:
+            r = await peer.request(method, path, body=body, query=query, timeout=900)
+        except GridvmError as exc:
+            raise GridvmError(f"host {host}'s gridvmd does not answer: {exc}") from exc
+        finally:
+            await peer.close()
+        return Response(r.body, status_code=r.status, media_type="application/json")
 
     async def _list(self) -> list[dict[str, Any]]:
         _, cluster = self.node.need()
@@ -321,8 +233,28 @@ class ClusterRouter:
         if states.get(host) not in ("up", "maintenance"):
             raise Conflict(f"domain {rec['name']} is on host {host}, which is "
                            f"{states.get(host, 'unknown')}")
-        return await self._proxy(host, scope["method"], scope["path"], await _body(receive),
+        resp = await self._proxy(host, scope["method"], scope["path"], await _body(receive),
                                  scope.get("query_string", b"").decode())
+        if scope["path"].endswith(("/migrate", "/migrate/cancel")) and resp.status_code == 200:
+            # A migration job lives on the source: say which host to follow it on.
+            return JSONResponse({**json.loads(bytes(resp.body)), "host": host})
+        return resp
+
+    async def _at_host(self, scope: Scope) -> Response | None:
+        """`/v1/migrations/…?host=H`: a job that runs on host H."""
+        query = urllib.parse.parse_qs(scope.get("query_string", b"").decode())
+        host = (query.get("host") or [None])[0]
+        cfg, _ = self.node.need()
+        if host is None or host == cfg.host:
+            return None
+        return await self._proxy(host, scope["method"], scope["path"])
+
+
+def _header(scope: Scope, name: str) -> str | None:
+    for k, v in scope.get("headers", []):
+        if k.decode().lower() == name:
+            return str(v.decode())
+    return None
 
 
 async def _body(receive: Receive) -> bytes:

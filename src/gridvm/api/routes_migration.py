@@ -1,14 +1,20 @@
-"""API routes for migration: `gridvm migrate` on the Unix socket, the relocation API (the
-destination's half) for peers over TCP."""
+"""API routes for migration: `gridvm migrate` (the source's half), and the relocation API
+(the destination's half), which peers reach over mutual TLS."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
+from pydantic import Field
 
-from gridvm.api.relocation import HttpPeer, load_token
-from gridvm.errors import GridvmError
+from gridvm.api.hostpeer import HttpsPeer, api_url
+from gridvm.api.listeners import parse_listen
+from gridvm.cluster.settings import Files
+from gridvm.config.model import HOSTREF_RE as HOST_RE
+from gridvm.errors import ConfigError, GridvmError
 from gridvm.host.manager import HostManager
 from gridvm.host.migration import (
     IncomingView,
@@ -21,25 +27,39 @@ from gridvm.host.migration import (
 
 
 class MigrateRequest(MigrateOptions):
-    target: str   # the destination gridvmd's relocation address, ADDR:PORT
+    # The destination: a host of our cluster by name, or its gridvmd's ADDR[:PORT].
+    target: str = Field(min_length=1, max_length=300)
 
 
 def migration_service(m: HostManager) -> Migrations:
-    """The host's migrations; peers are reached over HTTP with the home's shared token."""
+    """The host's migrations; destinations are reached over mutual TLS (HttpsPeer)."""
 
-    def connect(target: str) -> Peer:
-        return HttpPeer(target, load_token(m.home))
+    def connect(url: str) -> Peer:
+        return HttpsPeer.of(url, Files(m.home).identity)
 
     return Migrations(m, connect)
 
 
-def migration_routes(svc: Migrations) -> APIRouter:
+def target_url(target: str, lookup: Callable[[str], str] | None) -> str:
+    """The destination's URL: `ADDR[:PORT]`, or a cluster host's name (`lookup` reads the
+    registry; blocking)."""
+    try:
+        return api_url(*parse_listen(target))
+    except ConfigError:
+        if lookup is None or not HOST_RE.fullmatch(target):
+            raise ConfigError(f"invalid destination {target!r}: a host of this cluster or "
+                              "its ADDR[:PORT]") from None
+        return lookup(target)
+
+
+def migration_routes(svc: Migrations, lookup: Callable[[str], str] | None = None) -> APIRouter:
     r = APIRouter()
 
     @r.post("/v1/domains/{ref}/migrate")
     async def migrate(ref: str, req: MigrateRequest) -> dict[str, Any]:
         opts = MigrateOptions.model_validate(req.model_dump(exclude={"target"}))
-        return (await svc.start(ref, req.target, opts)).view()
+        url = await asyncio.to_thread(target_url, req.target, lookup)
+        return (await svc.start(ref, url, opts)).view()
 
     @r.post("/v1/domains/{ref}/migrate/cancel")
     async def cancel(ref: str) -> dict[str, Any]:

@@ -24,10 +24,9 @@ def _print(text: str) -> None:
     out.print(text, highlight=False, markup=False, soft_wrap=True)
 
 
-def join_request(etcd: str, name: str | None, ttl: int, margin: float,
-                 capacity_mb: int | None, fence_command: str | None) -> dict[str, Any]:
-    body: dict[str, Any] = {"etcd": etcd, "host": name or os.uname().nodename,
-                            "ttl": ttl, "margin": margin}
+def _settings(name: str | None, ttl: int, margin: float, capacity_mb: int | None,
+              fence_command: str | None) -> dict[str, Any]:
+    body: dict[str, Any] = {"host": name, "ttl": ttl, "margin": margin}
     if capacity_mb:
         body["capacity_mb"] = capacity_mb
     if fence_command:
@@ -35,46 +34,125 @@ def join_request(etcd: str, name: str | None, ttl: int, margin: float,
     return body
 
 
+NameOpt = Annotated[str | None, typer.Option("--name", help="this host's name (default: "
+                                             "its node name)")]
+CapOpt = Annotated[int | None, typer.Option("--capacity-mb", help="memory offered to guests")]
+FenceOpt = Annotated[str | None, typer.Option(
+    "--fence-command", help="run as CMD HOST to fence a dead host")]
+
+
+def _join_command(res: dict[str, Any]) -> str:
+    return (f"gridvm cluster join {res['server']} --token {res['token']} "
+            f"--ca-hash {res['ca_hash']}")
+
+
 @cluster_app.command("init")
 def init(
-    etcd: Annotated[str | None, typer.Option(
-        "--etcd", help="use this etcd (default: start one on --listen)")] = None,
-    listen: Annotated[str, typer.Option("--listen", help="address for a new etcd")] =
-    "127.0.0.1",
     cluster_name: Annotated[str, typer.Option("--cluster-name")] = "gridvm",
-    name: Annotated[str | None, typer.Option("--name", help="this host's name")] = None,
-    ttl: TtlOpt = 5, margin: MarginOpt = 1.0,
+    etcd: Annotated[str | None, typer.Option(
+        "--etcd", help="use this etcd (URLs; default: run one on this host, with TLS)")] =
+    None,
+    name: NameOpt = None, ttl: TtlOpt = 5, margin: MarginOpt = 1.0,
+    capacity_mb: CapOpt = None, fence_command: FenceOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Create a cluster (starting etcd unless --etcd is given) and join this host to it."""
-    from gridvm.cli.main import State, client
-    from gridvm.cluster import etcdproc
-    from gridvm.cluster.core import Cluster
-    from gridvm.cluster.etcd import Etcd
+    """Create a cluster on this host: its CA, its etcd (TLS, client certificates) unless
+    --etcd is given, this host as its first member; prints the command that joins the next
+    host (this host's gridvmd must run with --listen ADDR)."""
+    from gridvm.cli.main import client, emit_json
 
-    if etcd is None:
-        etcdproc.start(State.home.root / "etcd", listen)
-        etcd = etcdproc.client_url(listen)
-    Cluster(Etcd(etcd, timeout=3)).init(cluster_name)
-    res = client().post("/cluster/join", join_request(etcd, name, ttl, margin, None, None))
-    _print(f"cluster {res['cluster']['name']} at {etcd}; {res['host']} joined")
+    body = {"cluster": cluster_name, "etcd": etcd,
+            **_settings(name, ttl, margin, capacity_mb, fence_command)}
+    res = client(120).post("/cluster/init", body)
+    if as_json:
+        emit_json(res)
+        return
+    _print(f"cluster {res['cluster']['name']} created; {res['host']} is its first host "
+           f"(etcd {res['etcd']})")
+    _print("join another host (one-time token, valid 24 h) with:")
+    _print(f"  {_join_command(res)}")
 
 
 @cluster_app.command("join")
 def join(
-    etcd: Annotated[str, typer.Option("--etcd", help="etcd URL, e.g. http://10.0.0.3:2379")],
-    name: Annotated[str | None, typer.Option("--name", help="this host's name")] = None,
-    ttl: TtlOpt = 5, margin: MarginOpt = 1.0,
-    capacity_mb: Annotated[int | None, typer.Option(
-        "--capacity-mb", help="memory offered to guests")] = None,
-    fence_command: Annotated[str | None, typer.Option(
-        "--fence-command", help="run as CMD HOST to fence a dead host")] = None,
+    server: Annotated[str | None, typer.Argument(
+        help="a member's gridvmd address, ADDR[:PORT] (as printed by cluster init/token)")]
+    = None,
+    token: Annotated[str | None, typer.Option("--token", help="a one-time join token")] = None,
+    ca_hash: Annotated[str | None, typer.Option(
+        "--ca-hash", help="sha256:… of the cluster CA's public key")] = None,
+    etcd: Annotated[str | None, typer.Option(
+        "--etcd", help="etcd URLs, for a host that holds a certificate of the cluster "
+        "already")] = None,
+    etcd_member: Annotated[bool, typer.Option(
+        "--etcd-member", help="also run an etcd member on this host")] = False,
+    name: NameOpt = None, ttl: TtlOpt = 5, margin: MarginOpt = 1.0,
+    capacity_mb: CapOpt = None, fence_command: FenceOpt = None,
 ) -> None:
-    """Join this host's gridvmd to the cluster whose state lives in etcd."""
+    """Join this host's gridvmd to a cluster: with a token from a member (`cluster init` or
+    `cluster token` printed the command), like `kubeadm join`."""
     from gridvm.cli.main import client
 
-    res = client().post("/cluster/join", join_request(etcd, name, ttl, margin, capacity_mb,
-                                                      fence_command))
-    _print(f"{res['host']} joined cluster {res['cluster']['name']} at {res['etcd']}")
+    body = {"server": server, "token": token, "ca_hash": ca_hash, "etcd": etcd,
+            "etcd_member": etcd_member,
+            **_settings(name, ttl, margin, capacity_mb, fence_command)}
+    res = client(120).post("/cluster/join", body)
+    _print(f"{res['host']} joined cluster {res['cluster']['name']} (etcd {res['etcd']})")
+
+
+@cluster_app.command("token")
+def token(
+    ttl: Annotated[float, typer.Option("--ttl", help="seconds the token is valid")] = 86400,
+    witness: Annotated[bool, typer.Option("--witness", help="a token for a witness")] =
+    False,
+    as_json: JsonOpt = False,
+) -> None:
+    """A new one-time join token, and the command that uses it."""
+    from gridvm.cli.main import client, emit_json
+
+    res = client().post("/cluster/token", {"ttl": ttl,
+                                           "role": "witness" if witness else "host"})
+    if as_json:
+        emit_json(res)
+    elif witness:
+        _print(f"gridvm cluster witness {res['server']} --token {res['token']} "
+               f"--ca-hash {res['ca_hash']} --listen ADDR")
+    else:
+        _print(_join_command(res))
+
+
+@cluster_app.command("witness")
+def witness(
+    server: Annotated[str, typer.Argument(help="a member's gridvmd address, ADDR[:PORT]")],
+    token: Annotated[str, typer.Option("--token", help="from gridvm cluster token --witness")],
+    ca_hash: Annotated[str, typer.Option("--ca-hash", help="sha256:… of the cluster CA")],
+    listen: Annotated[str, typer.Option("--listen", help="this box's address for etcd")],
+    directory: Annotated[str, typer.Option("--dir", help="where the witness keeps its files")]
+    = "/var/lib/gridvm-witness",
+    name: NameOpt = None,
+) -> None:
+    """Make this box the cluster's witness: an etcd member without guests (two hosts and a
+    witness keep quorum through the loss of any one of them). Needs no gridvmd."""
+    from pathlib import Path
+
+    from gridvm.cluster.witness import enlist
+    from gridvm.netaddr import parse_hostport
+
+    address, _ = parse_hostport(listen, 2379)
+    res = enlist(Path(directory).absolute(), server, token, ca_hash, address,
+                 name or f"witness-{os.uname().nodename.split('.')[0]}")
+    _print(f"witness {res['name']} of cluster {res['cluster']}: etcd member at {res['etcd']} "
+           f"(files in {directory})")
+
+
+@cluster_app.command("revoke")
+def revoke(name: str) -> None:
+    """Revoke a member's certificate (an administrator's client certificate, a witness);
+    hosts are removed with `gridvm host remove`, which revokes theirs."""
+    from gridvm.cli.main import client
+
+    res = client().post("/cluster/revoke", {"name": name})
+    _print(f"{res['member']}: certificate {res['revoked_serial']} revoked")
 
 
 @cluster_app.command("status")
@@ -142,60 +220,27 @@ def evacuate(
     host: str,
     timeout: Annotated[float, typer.Option(
         "--timeout", help="give up on a domain's migration after this many seconds")] = 600,
+    follow_id: Annotated[str | None, typer.Option(
+        "--follow", help="follow a running evacuation task (its id) instead")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Live-migrate every running domain off HOST (placement picks each destination), then
-    leave HOST in maintenance. Nothing moves unless every domain has somewhere to go."""
-    import time
-    from pathlib import Path
-
-    from gridvm.api.client import Client, q
-    from gridvm.cli.main import client, emit_json
-    from gridvm.cli.migrate import _follow, summary
+    leave HOST in maintenance. Nothing moves unless every domain has somewhere to go. The
+    evacuation is a job in gridvmd, run as a task: Ctrl-C stops following it, not the job
+    (gridvm task show ID -f follows it again; --follow ID too)."""
+    from gridvm.cli.main import client, emit_json, out
+    from gridvm.cli.task import follow
     from gridvm.errors import GridvmError
-    from gridvm.paths import Home
 
-    c = client(60)
-    plan = c.get(f"/cluster/hosts/{q(host)}/evacuation")     # refuses before anything moves
-    c.post(f"/cluster/hosts/{q(host)}/maintenance", {"on": True})  # no new domains meanwhile
-    moves = plan["moves"]
-    source = Client(Home(Path(str(plan["api"])).parent), timeout=60)
-    moved: list[dict[str, Any]] = []
+    task = {"id": follow_id} if follow_id else client(60).post(
+        "/tasks", {"action": "host.evacuate", "target": host, "params": {"timeout": timeout}})
     try:
-        for i, step in enumerate(moves, 1):
-            if not as_json:
-                _print(f"[{i}/{len(moves)}] {step['domain']}: {host} -> {step['to']} …")
-            job = c.post(f"/domains/{q(step['uuid'])}/migrate", {
-                "target": step["target"], "live": True, "timeout": timeout})
-            job = _follow(source, job, show=not as_json)
-            if job["phase"] != "completed":
-                done = ", ".join(m["domain"] for m in moved) or "none"
-                rest = ", ".join(m["domain"] for m in moves[i - 1:])
-                raise GridvmError(
-                    f"evacuation of {host} stopped: "
-                    f"{job['error'] or job['domain'] + ' ' + job['phase']}; moved: {done}; "
-                    f"still on {host}: {rest}; {host} stays in maintenance")
-            moved.append({"domain": step["domain"], "uuid": step["uuid"], "from": host,
-                          "to": step["to"], "total_ms": job["total_time_ms"],
-                          "downtime_ms": job["downtime_ms"],
-                          "dest_domid": job["dest_domid"]})
-            if not as_json:
-                _print(f"[{i}/{len(moves)}] {summary(job, step['to'])}")
-    finally:
-        source.close()
-    gone = {m["uuid"] for m in moved}
-    deadline = time.monotonic() + 15      # destinations claim the registry as they arrive
-    while True:
-        left = c.get(f"/cluster/hosts/{q(host)}/evacuation")
-        if not gone & {m["uuid"] for m in left["moves"]} or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    result = {"host": host, "maintenance": True, "moved": moved,
-              "left": [*left["moves"], *left["left"]]}
+        done = follow(task, show=not as_json)
+    except KeyboardInterrupt:
+        out.print(f"stopped following; the evacuation goes on in gridvmd "
+                  f"(gridvm task show {task['id']} -f)", highlight=False)
+        raise SystemExit(130) from None
+    if done["state"] != "ok":
+        raise GridvmError(done["error"] or f"task {done['id']} {done['state']}")
     if as_json:
-        emit_json(result)
-        return
-    for d in left["left"]:
-        _print(f"{d['domain']} is {d['state']}: its definition stays on {host}")
-    _print(f"{host}: {len(moved)} domain(s) moved; host is in maintenance "
-           f"(gridvm host maintenance {host} off to bring it back)")
+        emit_json(done["result"])

@@ -1,20 +1,24 @@
-"""Attach a terminal (or pipes) to a domain's serial socket; Ctrl-] detaches."""
+"""Attach a terminal (or pipes) to a domain's console stream (gridvmd's websocket, which
+reaches the domain on whichever host runs it); Ctrl-] detaches."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import selectors
-import socket
 import sys
 import termios
+import threading
 import tty
 from collections.abc import Iterator
-from pathlib import Path
 
+from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
+from websockets.sync.client import ClientConnection
+
+from gridvm.api.client import Client
 from gridvm.errors import GridvmError
 
 DETACH = b"\x1d"  # Ctrl-]
+DRAIN_S = 1.0     # scripted use: after stdin ends, keep printing the guest's answer this long
 
 
 @contextlib.contextmanager
@@ -30,40 +34,50 @@ def _raw(fd: int) -> Iterator[None]:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
-def attach(path: Path) -> None:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+def _pump_stdin(ws: ClientConnection, interactive: bool, done: threading.Event) -> None:
+    """stdin → console, until Ctrl-] (interactive) or the end of stdin."""
+    stdin = sys.stdin.fileno()
     try:
-        sock.connect(str(path))
-    except OSError as exc:
-        raise GridvmError(f"cannot open console at {path}: {exc.strerror}") from exc
+        while True:
+            data = os.read(stdin, 4096)
+            if not data:
+                break
+            if interactive and DETACH in data:
+                head = data.split(DETACH, 1)[0]
+                if head:
+                    ws.send(head)
+                done.set()
+                break
+            ws.send(data)
+    except (OSError, ConnectionClosed):
+        done.set()
+        return
+    if not done.is_set():
+        threading.Timer(DRAIN_S, done.set).start()   # let the guest's answer arrive
+
+
+def attach(client: Client, stream: str) -> None:
+    try:
+        ws = client.websocket(stream)
+    except InvalidStatus as exc:
+        raise GridvmError(f"gridvmd refused the console (HTTP {exc.response.status_code})") \
+            from None
+    except (OSError, WebSocketException) as exc:
+        raise GridvmError(f"cannot open the console: {exc}") from None
     stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
     interactive = os.isatty(stdin)
     if interactive:
         sys.stderr.write("Connected to console; Ctrl-] detaches.\r\n")
-    sel = selectors.DefaultSelector()
-    sel.register(sock, selectors.EVENT_READ)
-    sel.register(stdin, selectors.EVENT_READ)
-    with _raw(stdin), sock:
-        while True:
-            for key, _ in sel.select():
-                if key.fileobj is sock:
-                    data = sock.recv(65536)
-                    if not data:
-                        return
-                    os.write(stdout, data)
-                else:
-                    data = os.read(stdin, 4096)
-                    if not data:
-                        # stdin closed (scripted use): keep reading briefly for the answer
-                        sel.unregister(stdin)
-                        sock.settimeout(1.0)
-                        with contextlib.suppress(TimeoutError, OSError):
-                            while chunk := sock.recv(65536):
-                                os.write(stdout, chunk)
-                        return
-                    if interactive and DETACH in data:
-                        data = data.split(DETACH, 1)[0]
-                        if data:
-                            sock.sendall(data)
-                        return
-                    sock.sendall(data)
+    done = threading.Event()
+    threading.Thread(target=_pump_stdin, args=(ws, interactive, done), daemon=True).start()
+    with _raw(stdin), contextlib.closing(ws):
+        while not done.is_set():
+            try:
+                data = ws.recv(timeout=0.2)
+            except TimeoutError:
+                continue
+            except ConnectionClosed as exc:
+                if exc.rcvd is not None and exc.rcvd.code >= 4000:
+                    raise GridvmError(exc.rcvd.reason or "console refused") from None
+                return
+            os.write(stdout, data if isinstance(data, bytes) else data.encode())

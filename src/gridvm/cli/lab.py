@@ -42,6 +42,9 @@ def up(
     cluster: Annotated[bool, typer.Option("--cluster", help="run etcd, join every host")] =
     False,
     ttl: Annotated[int, typer.Option("--ttl", help="hosts' lease TTL (with --cluster)")] = 5,
+    web: Annotated[bool, typer.Option(
+        "--web", help="every host serves the web console on its LAN address, port 8006")] =
+    False,
     as_json: JsonOpt = False,
 ) -> None:
     """Start a lab: hosts h1…hN, each with a gridvmd and bridge network xenbr0 on the LAN."""
@@ -50,13 +53,16 @@ def up(
     t0 = time.monotonic()
     state = lab.plan(name, hosts, root=State.home.root / "labs" / name,
                      images=State.home.images, accel=accel, subnet=subnet,
-                     cluster=cluster, ttl=ttl)
+                     cluster=cluster, ttl=ttl, web=web)
     lab.up(state)
     if as_json:
         emit_json(lab.status(state))
         return
     _print_status(lab.status(state))
     _print(f"up in {time.monotonic() - t0:.1f}s; try: gridvm --host h1 list")
+    if web:
+        _print(f"web console: https://{state.hosts[0].address.split('/')[0]}:8006/ui/ from "
+               f"the client namespace (gridvm --host h1 web token create --role admin)")
 
 
 @lab_app.command("down")

@@ -18,8 +18,10 @@ from gridvm.cli.migrate import migrate
 from gridvm.cli.network import network_app
 from gridvm.cli.resources import register as register_resource_verbs
 from gridvm.cli.service import service_app
-from gridvm.cli.target import resolve_home
+from gridvm.cli.target import connect, lab_host
+from gridvm.cli.task import task_app
 from gridvm.cli.top import top
+from gridvm.cli.web import web_app
 from gridvm.config.xmfile import load_config
 from gridvm.errors import ConfigError, GridvmError
 from gridvm.paths import Home
@@ -36,6 +38,8 @@ app.add_typer(lab_app, name="lab")
 app.add_typer(cluster_app, name="cluster")
 app.add_typer(host_app, name="host")
 app.add_typer(service_app, name="service")
+app.add_typer(task_app, name="task")
+app.add_typer(web_app, name="web")
 
 out = Console()
 err = Console(stderr=True)
@@ -48,15 +52,17 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
 
 class State:
     home: Home = Home.resolve()
+    host: str | None = None       # a lab host, reached over HTTPS
 
 
 @app.callback()
 def _root(home: HomeOpt = None, host: HostOpt = None) -> None:
-    State.home = resolve_home(home, host)
+    State.host = lab_host(home, host)
+    State.home = Home.resolve(home)
 
 
 def client(timeout: float = 120) -> Client:
-    return Client(State.home, timeout=timeout)
+    return connect(State.home, State.host, timeout)
 
 
 def emit_json(data: Any) -> None:
@@ -196,7 +202,7 @@ def restore(file: Path, paused: Annotated[bool, typer.Option("-p", "--paused")] 
             host: Annotated[str | None, typer.Option(
                 "--host", help="restore on this lab host (HOST or LAB/HOST)")] = None) -> None:
     """Restore a domain from a save file (on this host, or on --host)."""
-    c = Client(resolve_home(None, host), timeout=900) if host else client(900)
+    c = connect(State.home, host, 900) if host else client(900)
     view = c.post("/restore", {"file": str(file.absolute()), "paused": paused})
     out.print(f"Restored domain {view['name']} (id={view['domid']})", highlight=False)
 
@@ -210,8 +216,9 @@ def console(dom: str) -> None:
 def attach_console(dom: str) -> None:
     from gridvm.cli.console import attach
 
-    info = client().get(f"/domains/{q(dom)}/console")
-    attach(Path(info["socket"]))
+    c = client()
+    info = c.get(f"/domains/{q(dom)}/console")
+    attach(c, info.get("stream") or f"/v1/domains/{q(dom)}/console/stream")
 
 
 # ----- information ---------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import time
 from typing import Annotated, Any
 
@@ -10,52 +9,37 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
+from gridvm.api.actions import migration_summary as summary
+from gridvm.api.actions import progress_detail
 from gridvm.api.client import Client, q
 from gridvm.errors import ConfigError, GridvmError
-from gridvm.host.migration import RELOCATION_PORT
+from gridvm.netaddr import host_port, parse_hostport
+
+API_PORT = 8002
 
 err = Console(stderr=True)
 POLL_S = 0.1
 
 
 def resolve_target(host: str) -> str:
-    """A lab host (`h2`, `LAB/h2`) → its gridvmd's relocation address; `ADDR[:PORT]` as is."""
+    """`ADDR[:PORT]` as is; a lab host (`LAB/h2`, or `h2` if one lab has it) → its gridvmd's
+    address; any other name goes to gridvmd, which knows its cluster's hosts."""
     text = host.strip()
-    if text.startswith("["):                    # [V6] or [V6]:PORT
-        return text if "]:" in text else f"{text}:{RELOCATION_PORT}"
-    if text.count(":") == 1:                    # NAME:PORT or V4:PORT
-        name, port = text.split(":")
-        if not name or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
-            raise ConfigError(f"invalid destination {host!r}: use HOST, LAB/HOST or ADDR[:PORT]")
-        return text
     try:
-        address = ipaddress.ip_address(text)
-    except ValueError:
-        from gridvm.lab.lab import find_host
+        address, port = parse_hostport(text, API_PORT)
+    except ConfigError:
+        pass
+    else:
+        return host_port(address, port)
+    from gridvm.lab.lab import find_host
 
+    try:
         _, found = find_host(text)
-        return f"{found.address.split('/')[0]}:{RELOCATION_PORT}"
-    return f"[{address}]:{RELOCATION_PORT}" if address.version == 6 \
-        else f"{address}:{RELOCATION_PORT}"
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
-def _detail(job: dict[str, Any]) -> str:
-    ram = job["ram"]
-    parts = [f"sent {_size(ram['transferred'])}", f"left {_size(ram['remaining'])}",
-             f"dirty {_size(ram['dirty_rate'])}/s"]
-    if job.get("expected_downtime_ms") is not None:
-        parts.append(f"expected downtime {job['expected_downtime_ms']} ms")
-    if ram["iterations"]:
-        parts.append(f"pass {ram['iterations']}")
-    return " · ".join(parts)
+    except GridvmError:
+        if "/" in text:
+            raise
+        return text                             # a host of gridvmd's cluster, by name
+    return host_port(found.address.split("/")[0], API_PORT)
 
 
 def _show(bar: Progress, task: Any, job: dict[str, Any]) -> None:
@@ -68,7 +52,7 @@ def _show(bar: Progress, task: Any, job: dict[str, Any]) -> None:
         ram = job["ram"]
         done = ram["total"] - ram["remaining"] if ram["transferred"] else 0
         bar.update(task, description="memory" if phase == "memory" else "switching",
-                   total=ram["total"], completed=max(done, 0), detail=_detail(job))
+                   total=ram["total"], completed=max(done, 0), detail=progress_detail(job))
     else:
         bar.update(task, description=phase)
 
@@ -76,6 +60,7 @@ def _show(bar: Progress, task: Any, job: dict[str, Any]) -> None:
 def _follow(c: Client, job: dict[str, Any], show: bool) -> dict[str, Any]:
     """Poll the source's migration until it ends; Ctrl-C cancels it (twice: just leave)."""
     mid = job["id"]
+    where = {"host": job["host"]} if job.get("host") else None   # the source, in a cluster
     cancelled = False
     with Progress(TextColumn("{task.description:>9}"), BarColumn(),
                   DownloadColumn(binary_units=True), TextColumn("{task.fields[detail]}"),
@@ -84,7 +69,7 @@ def _follow(c: Client, job: dict[str, Any], show: bool) -> dict[str, Any]:
         while job["finished"] is None:
             try:
                 time.sleep(POLL_S)
-                job = c.get(f"/migrations/{q(mid)}")
+                job = c.get(f"/migrations/{q(mid)}", params=where)
             except KeyboardInterrupt:
                 if cancelled:
                     raise
@@ -94,18 +79,6 @@ def _follow(c: Client, job: dict[str, Any], show: bool) -> dict[str, Any]:
                 continue
             _show(bar, task, job)
     return job
-
-
-def summary(job: dict[str, Any], host: str) -> str:
-    """One line with QEMU's figures for a completed migration."""
-    total = job["total_time_ms"]
-    parts = [f"total {total / 1000:.2f} s" if total is not None else "total ?",
-             f"downtime {job['downtime_ms']} ms", f"setup {job['setup_time_ms']} ms",
-             f"sent {_size(job['ram']['transferred'])}"]
-    if job["copy_storage"]:
-        parts.append(f"disks {_size(job['storage']['total'])}")
-    where = f"{host} (id={job['dest_domid']})" if job["dest_domid"] is not None else host
-    return f"Migrated {job['domain']} to {where}: " + ", ".join(parts)
 
 
 def migrate(

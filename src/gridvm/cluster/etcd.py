@@ -1,13 +1,19 @@
 """A small etcd v3 client over its JSON gateway (plain httpx; keys and values are text).
 
-Only what gridvm needs: kv get/put/delete/range, compare-and-swap transactions, leases and
-the election API. Every call has a timeout; a failure to reach etcd raises `EtcdUnavailable`.
+Only what gridvm needs: kv get/put/delete/range, compare-and-swap transactions, leases,
+the election API and cluster membership. Every call has a timeout; a failure to reach etcd
+raises `EtcdUnavailable`. The client takes several endpoints (`https://a:2379,https://b:2379`)
+and moves to the next one when one cannot be reached; with a TLS context it verifies the
+members against the cluster CA and presents the host's certificate (etcd's
+`--client-cert-auth`).
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import ssl
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,33 +90,65 @@ def delete_op(key: str) -> dict[str, Any]:
     return {"request_delete_range": {"key": _b64(key)}}
 
 
-class Etcd:
-    """A thread-safe client for one etcd endpoint (e.g. http://10.77.0.3:2379)."""
+def endpoints(urls: str) -> list[str]:
+    """`URL[,URL…]` → the list of endpoint URLs."""
+    return [u.strip().rstrip("/") for u in urls.split(",") if u.strip()]
 
-    def __init__(self, url: str, *, timeout: float = DEFAULT_TIMEOUT) -> None:
-        self.url = url.rstrip("/")
+
+class Etcd:
+    """A thread-safe client for an etcd cluster (e.g. https://10.77.0.3:2379[,…])."""
+
+    def __init__(self, urls: str, *, timeout: float = DEFAULT_TIMEOUT,
+                 tls: ssl.SSLContext | None = None) -> None:
+        self.urls = endpoints(urls)
+        if not self.urls:
+            raise EtcdError("no etcd endpoint given")
         self.timeout = timeout
-        self._http = httpx.Client(base_url=self.url, timeout=timeout)
+        self._current = 0
+        self._lock = threading.Lock()
+        self._http = httpx.Client(timeout=timeout, verify=tls if tls is not None else True)
+
+    @property
+    def url(self) -> str:
+        """The endpoint in use."""
+        return self.urls[self._current]
 
     def close(self) -> None:
         self._http.close()
 
     def call(self, path: str, body: dict[str, Any], *, timeout: float | None = None) -> Any:
-        """POST `body` to /v3/`path`; the first JSON object of the answer."""
-        try:
-            resp = self._http.post(f"/v3/{path}", json=body,
-                                   timeout=timeout if timeout is not None else self.timeout)
-        except httpx.HTTPError as exc:
-            raise EtcdUnavailable(f"cannot reach etcd at {self.url}: "
-                                  f"{type(exc).__name__} {exc}".strip()) from exc
+        """POST `body` to /v3/`path` (on the first member that can be reached); the first
+        JSON object of the answer."""
+        wait = timeout if timeout is not None else self.timeout
+        start = self._current
+        errors = []
+        for step in range(len(self.urls)):
+            index = (start + step) % len(self.urls)
+            url = self.urls[index]
+            try:
+                resp = self._http.post(f"{url}/v3/{path}", json=body, timeout=wait)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                errors.append(f"{url}: {type(exc).__name__} {exc}".strip())
+                continue                      # never sent: safe to try another member
+            except httpx.HTTPError as exc:
+                with self._lock:              # may have been applied: do not resend, but
+                    self._current = (index + 1) % len(self.urls)   # prefer another next
+                raise EtcdUnavailable(f"cannot reach etcd at {url}: "
+                                      f"{type(exc).__name__} {exc}".strip()) from exc
+            with self._lock:
+                self._current = index
+            return self._answer(path, resp)
+        raise EtcdUnavailable("cannot reach etcd: " + "; ".join(errors))
+
+    def _answer(self, path: str, resp: httpx.Response) -> Any:
         text = resp.text.strip().splitlines()[0] if resp.text.strip() else "{}"
         try:
             data = json.loads(text)
         except ValueError:
-            raise EtcdUnavailable(f"{self.url} is not an etcd v3 gateway "
+            raise EtcdUnavailable(f"{resp.url.host} is not an etcd v3 gateway "
                                   f"(HTTP {resp.status_code})") from None
         if not isinstance(data, dict):
-            raise EtcdUnavailable(f"{self.url} is not an etcd v3 gateway")
+            raise EtcdUnavailable(f"{resp.url.host} is not an etcd v3 gateway")
         if "error" in data and "result" not in data:
             raise EtcdError(f"etcd {path}: {data.get('message') or data['error']}")
         return data.get("result", data)
@@ -200,6 +238,21 @@ class Etcd:
                         mod_revision=int(kv.get("mod_revision", 0)),
                         create_revision=int(kv.get("create_revision", 0)),
                         lease=int(kv.get("lease", 0)))
+
+    # ----- membership -----------------------------------------------------------------------
+
+    def members(self) -> list[dict[str, Any]]:
+        """The cluster's members: id, name, peerURLs, clientURLs (empty until started)."""
+        return list(self.call("cluster/member/list", {}).get("members", []))
+
+    def member_add(self, peer_url: str) -> list[dict[str, Any]]:
+        """Add a member (before starting it with --initial-cluster-state existing); the
+        member list that includes it."""
+        data = self.call("cluster/member/add", {"peerURLs": [peer_url]})
+        return list(data.get("members", []))
+
+    def member_remove(self, member_id: str) -> None:
+        self.call("cluster/member/remove", {"ID": member_id})
 
     def resign(self, name: str, key: str, lease: int, rev: int) -> None:
         self.call("election/resign", {"leader": {"name": _b64(name), "key": _b64(key),

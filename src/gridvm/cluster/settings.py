@@ -5,6 +5,8 @@
     <home>/cluster/fenced         present while the host is fenced (written before killing)
     <home>/cluster/ha/<domid>     one per running HA domain: what the watchdog kills
     <home>/cluster/watchdog.pid
+    <home>/etcd/                 the etcd member this host runs (cluster init, join --etcd-member)
+    <home>/pki/                  the host's key and certificate, the CA, the CRL (pki.Identity)
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, field_validator
 
+from gridvm.cluster.etcd import Etcd
+from gridvm.cluster.pki import Identity
 from gridvm.config.model import HostRef, Text
 from gridvm.paths import Home
 
 
 class ClusterConfig(BaseModel):
-    etcd: str                                    # e.g. http://10.77.0.3:2379
+    etcd: str                                    # e.g. https://10.77.0.3:2379[,https://…]
     host: HostRef                                # this host's name in the cluster
     ttl: int = Field(default=5, ge=2, le=60)     # host lease TTL, seconds
     vip_ttl: int = Field(default=1, ge=1, le=60)  # a VIP election's lease TTL (etcd raises
@@ -32,16 +36,25 @@ class ClusterConfig(BaseModel):
     @field_validator("etcd")
     @classmethod
     def _etcd(cls, v: str) -> str:
-        try:
-            url = urllib.parse.urlsplit(v)
-            port = url.port
-        except ValueError:
-            url, port = None, None
-        if (url is None or url.scheme not in ("http", "https") or not url.hostname
-                or url.path.strip("/") or url.query or url.fragment or port == 0
-                or not v.isprintable() or " " in v):
-            raise ValueError(f"invalid etcd URL {v[:80]!r} (expected e.g. http://10.0.0.3:2379)")
+        if not v.strip(","):
+            raise ValueError("no etcd URL given")
+        for one in v.split(","):
+            check_url(one, "etcd", "https://10.0.0.3:2379")
         return v
+
+
+def check_url(v: str, what: str, example: str) -> str:
+    """An http(s)://HOST[:PORT] URL with nothing after the host (ValueError otherwise)."""
+    try:
+        url = urllib.parse.urlsplit(v)
+        port = url.port
+    except ValueError:
+        url, port = None, None
+    if (url is None or url.scheme not in ("http", "https") or not url.hostname
+            or url.path.strip("/") or url.query or url.fragment or port == 0
+            or not v.isprintable() or " " in v):
+        raise ValueError(f"invalid {what} URL {v[:80]!r} (expected e.g. {example})")
+    return v
 
 
 class Files:
@@ -50,6 +63,7 @@ class Files:
     def __init__(self, home: Home) -> None:
         self.dir = home.root / "cluster"
         self.run = home.run
+        self.pki = home.pki
 
     @property
     def config(self) -> Path:
@@ -86,6 +100,21 @@ class Files:
         tmp = self.config.with_suffix(".tmp")
         tmp.write_text(cfg.model_dump_json(indent=2) + "\n")
         tmp.replace(self.config)
+
+    @property
+    def etcd_dir(self) -> Path:
+        """The data of the etcd member this host runs, if it runs one (cluster init)."""
+        return self.dir.parent / "etcd"
+
+    @property
+    def identity(self) -> Identity:
+        return Identity(self.pki)
+
+    def etcd(self, urls: str, *, timeout: float) -> Etcd:
+        """A client for the cluster's etcd, with this host's certificate once it has one."""
+        ident = self.identity
+        return Etcd(urls, timeout=timeout,
+                    tls=ident.client_context() if ident.exists() else None)
 
     def lease_id(self) -> int | None:
         try:

@@ -34,7 +34,7 @@ import time
 from typing import Any
 
 from gridvm.cluster.core import Cluster, Election
-from gridvm.cluster.etcd import Etcd, EtcdError
+from gridvm.cluster.etcd import EtcdError
 from gridvm.cluster.settings import ClusterConfig, Files
 from gridvm.config.model import DomainConfig
 from gridvm.errors import GridvmError
@@ -80,7 +80,7 @@ class ClusterPeers:
             if self._cluster is not None:
                 self._cluster.etcd.close()
             self._cfg = cfg
-            self._cluster = Cluster(Etcd(cfg.etcd, timeout=1.0)) if cfg else None
+            self._cluster = Cluster(self.files.etcd(cfg.etcd, timeout=1.0)) if cfg else None
         return cfg
 
     def active(self) -> bool:
@@ -125,7 +125,8 @@ class ClusterPeers:
         if e is None:
             if self._loop is None:
                 self._loop = asyncio.get_running_loop()
-            e = Election(Etcd(cfg.etcd, timeout=1.0), f"gridvm/election/vip/{vip}", cfg.host,
+            e = Election(self.files.etcd(cfg.etcd, timeout=1.0),
+                         f"gridvm/election/vip/{vip}", cfg.host,
                          cfg.vip_ttl, margin=min(VIP_MARGIN_S, cfg.vip_ttl / 3),
                          rpc_timeout=cfg.vip_ttl / 2, on_change=self._wake)
             e.start()

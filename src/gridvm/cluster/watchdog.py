@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from gridvm.cluster.core import Cluster, Lease
-from gridvm.cluster.etcd import Etcd, EtcdError
+from gridvm.cluster.etcd import EtcdError
 from gridvm.cluster.settings import Files
 from gridvm.host import procs
 from gridvm.paths import Home
@@ -64,7 +64,7 @@ def run(home: Home) -> None:
     cfg = files.load()
     if cfg is None:
         raise SystemExit(f"watchdog: {files.config} does not exist")
-    etcd = Etcd(cfg.etcd, timeout=max(cfg.ttl / 6, 0.2))
+    etcd = files.etcd(cfg.etcd, timeout=max(cfg.ttl / 6, 0.2))
     cluster = Cluster(etcd)
     alive_key = cluster.key("alive", cfg.host)
 

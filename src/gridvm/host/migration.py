@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from gridvm.config.model import DomainConfig
-from gridvm.errors import Conflict, GridvmError, NotFound, QemuError
+from gridvm.errors import Conflict, GridvmError, NotFound, PeerUnreachable, QemuError
 from gridvm.host import hostinfo, links, procs
 from gridvm.host.manager import HostManager
 from gridvm.host.migration_model import (
@@ -53,7 +53,6 @@ from gridvm.host.migration_model import (
     Job,
     MigrateOptions,
     Peer,
-    PeerUnreachable,
     PrepareAnswer,
     PrepareRequest,
     caps_arg,

@@ -166,16 +166,8 @@ class IncomingView(BaseModel):
     error: str | None = None
 
 
-class PeerUnreachable(GridvmError):
-    """The destination's gridvmd does not answer."""
-
-    def __init__(self, message: str, *, refused: bool = False) -> None:
-        super().__init__(message)
-        self.refused = refused
-
-
 class Peer(Protocol):
-    """The destination's gridvmd as the source sees it (gridvm.api.relocation implements it)."""
+    """The destination's gridvmd as the source sees it (gridvm.api.hostpeer implements it)."""
 
     address: str
 

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gridvm.errors import GridvmError, QemuError
+from gridvm.errors import GridvmError, PeerUnreachable, QemuError
 from gridvm.host import procs
 from gridvm.host.migration_model import (
     CAPS,
@@ -34,7 +34,6 @@ from gridvm.host.migration_model import (
     Job,
     JobPhase,
     Peer,
-    PeerUnreachable,
     PrepareRequest,
     Source,
     caps_arg,

@@ -18,16 +18,18 @@ from gridvm.paths import Home
 
 def gridvmd_argv() -> list[str]:
     """How to run gridvmd with this interpreter (works from a venv or a checkout)."""
-    return [sys.executable, "-m", "gridvm.api.daemon"]
+    return [sys.executable, "-m", "gridvm.gridvmd"]
 
 
 class Agent:
     """A gridvmd child with its own home; the guests it starts outlive it."""
 
     def __init__(self, home: Path, *, ns: str | None = None, accel: str = "auto",
-                 images: Path | None = None, args: Sequence[str] = ()) -> None:
+                 images: Path | None = None, args: Sequence[str] = (),
+                 wrap: Sequence[str] = ()) -> None:
         self.home = Home(home.absolute())
         self.args = list(args)     # more gridvmd options, e.g. --listen
+        self.wrap = list(wrap)     # runs it elsewhere, e.g. in a lab machine's mount namespace
         self.ns = ns
         self.accel = accel
         self.images = images
@@ -38,7 +40,8 @@ class Agent:
         env = dict(os.environ, GRIDVM_HOME=str(self.home.root), GRIDVM_ACCEL=self.accel)
         if self.images:
             env["GRIDVM_IMAGES"] = str(self.images)
-        argv = gridvmd_argv() + (["--netns", self.ns] if self.ns else []) + self.args
+        argv = self.wrap + gridvmd_argv() + (["--netns", self.ns] if self.ns else []) + \
+            self.args
         if os.environ.get("GRIDVM_DEBUG"):
             argv.append("-v")
         out = open(self.home.root / "gridvmd.stderr", "ab")  # noqa: SIM115 (owned by child)

@@ -1,7 +1,9 @@
 """A lab cluster and the faults to rehearse with.
 
-`gridvm lab up --cluster` runs etcd in its own namespace `<lab>-etcd` on the LAN (address
-.3) and joins every host. Shared storage: the lab's `shared/` directory (under its root)
+`gridvm lab up --cluster` runs etcd (TLS, client certificates of the lab's CA) in its own
+namespace `<lab>-etcd` on the LAN (address .3) — an external etcd, as kubeadm calls it —
+keeps the CA there as `gridvm cluster init` does, and joins every host with the certificate
+the lab gave it. Shared storage: the lab's `shared/` directory (under its root)
 is at the same path in every host namespace (network namespaces share the filesystem), so a
 domain restarted elsewhere finds its disks there.
 
@@ -15,16 +17,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gridvm.cluster import etcdproc
+from gridvm.cluster import enroll, etcdproc, membership
 from gridvm.cluster.core import Cluster
 from gridvm.cluster.etcd import Etcd
+from gridvm.cluster.pki import Identity
+from gridvm.cluster.settings import Files
 from gridvm.errors import Conflict
 from gridvm.host import netdevs, netns
-from gridvm.lab import lab
-
-
-def shared_dir(state: lab.LabState) -> Path:
-    return Path(state.root) / "shared"
+from gridvm.lab import lab, machine, pki
+from gridvm.paths import Home
 
 
 def etcd_url(state: lab.LabState) -> str:
@@ -34,15 +35,29 @@ def etcd_url(state: lab.LabState) -> str:
 
 
 def start_cluster(state: lab.LabState) -> None:
-    """Start etcd in the lab's etcd namespace, create the cluster, join every host."""
+    """Start etcd in the lab's etcd namespace, set up the cluster there, join every host."""
     assert state.etcd is not None
-    shared_dir(state).mkdir(parents=True, exist_ok=True)
+    root = Path(state.root)
+    ca = pki.load_ca(root)
+    address = state.etcd.address.split("/")[0]
+    ident = Identity(root / "etcd" / "pki")
+    pki.provision(ca, ident, "etcd", address)
     url = etcd_url(state)
-    etcdproc.start(Path(state.root) / "etcd", state.etcd.address.split("/")[0],
-                   ns=state.etcd.ns)
-    netns.call_in(state.etcd.ns, lambda: Cluster(Etcd(url, timeout=3)).init(state.name))
+    etcdproc.start(root / "etcd", address, ns=state.etcd.ns, tls=ident)
+
+    def setup() -> None:
+        cluster = Cluster(Etcd(url, timeout=3, tls=pki.admin(root).client_context()))
+        try:
+            membership.first_setup(cluster, state.name, ca)
+            for h in state.hosts:
+                cert = Files(Home(Path(h.home))).identity.cert.read_bytes()
+                enroll.record_cert(cluster, h.name, cert, h.address.split("/")[0], "host")
+        finally:
+            cluster.etcd.close()
+
+    netns.call_in(state.etcd.ns, setup)
     for h in state.hosts:
-        with lab._client(h) as c:
+        with lab._client(state, h) as c:
             c.post("/cluster/join", {"etcd": url, "host": h.name, "ttl": state.ttl})
 
 
@@ -64,6 +79,7 @@ def poweroff(state: lab.LabState, host: str) -> None:
     h = state.host(host)
     _port(state, host, up=False)
     lab._kill_namespace(h.ns)
+    machine.remove(h.ns)          # a machine powered back on has empty /tmp and /run
     h.pid = None
     lab.save(state)
 

@@ -28,12 +28,13 @@ from typing import Any
 from pydantic import BaseModel
 
 from gridvm.api.client import Client, q
-from gridvm.api.relocation import load_token, token_path, write_token
+from gridvm.api.hostpeer import API_PORT
+from gridvm.cluster.settings import Files
 from gridvm.errors import ConfigError, Conflict, GridvmError, NotFound
 from gridvm.host import netdevs, netns, procs
-from gridvm.host.migration import RELOCATION_PORT
 from gridvm.host.networks import RUN_ROOT, host_tag
 from gridvm.host.resources import remove_home_groups
+from gridvm.lab import machine, pki
 from gridvm.lab.agent import Agent
 from gridvm.paths import Home
 
@@ -44,6 +45,7 @@ LAN_BRIDGE = "lan"
 HOST_IFACE = "eth0"
 HOST_NETWORK = "xenbr0"
 MAX_HOSTS = 50
+WEB_PORT = 8006                # gridvmd --web's default port (Proxmox's)
 
 
 class LabHost(BaseModel):
@@ -72,6 +74,7 @@ class LabState(BaseModel):
     ready: bool = False
     etcd: LabClient | None = None   # with --cluster: etcd's namespace and LAN address
     ttl: int = 5                    # the hosts' lease TTL in a cluster
+    web: bool = False               # hosts serve the web console on their LAN address
 
     def host(self, name: str) -> LabHost:
         for h in self.hosts:
@@ -137,7 +140,8 @@ def find_host(ref: str) -> tuple[LabState, LabHost]:
 
 
 def plan(name: str, hosts: int, *, root: Path, images: Path, accel: str,
-         subnet: str = DEFAULT_SUBNET, cluster: bool = False, ttl: int = 5) -> LabState:
+         subnet: str = DEFAULT_SUBNET, cluster: bool = False, ttl: int = 5,
+         web: bool = False) -> LabState:
     """What `up` will make; validates the request."""
     if not NAME_RE.fullmatch(name):
         raise ConfigError(f"invalid lab name {name!r}: a lowercase letter then up to 11 "
@@ -161,6 +165,7 @@ def plan(name: str, hosts: int, *, root: Path, images: Path, accel: str,
         hosts=[LabHost(name=f"h{i}", ns=f"{name}-h{i}", address=addr(10 + i),
                        home=str(root.absolute() / f"h{i}")) for i in range(1, hosts + 1)],
         etcd=LabClient(ns=f"{name}-etcd", address=addr(3)) if cluster else None, ttl=ttl,
+        web=web,
     )
 
 
@@ -180,7 +185,8 @@ def up(state: LabState) -> LabState:
     try:
         _make_lan(state)
         Path(state.root).mkdir(parents=True, exist_ok=True)
-        load_token(Home(Path(state.root)), create=True)   # one relocation token for all hosts
+        shared_dir(state).mkdir(exist_ok=True)
+        pki.make_ca(Path(state.root), state.name)         # the lab holds the cluster CA
         with ThreadPoolExecutor(max_workers=len(state.hosts)) as pool:
             pids = list(pool.map(lambda h: _start_host(state, h, network=True), state.hosts))
         for h, pid in zip(state.hosts, pids, strict=True):
@@ -226,20 +232,34 @@ def _host_side(address: str) -> Callable[[], None]:
     return setup
 
 
+def shared_dir(state: LabState) -> Path:
+    """The lab's shared storage (its NFS): the one directory every host sees."""
+    return Path(state.root) / "shared"
+
+
+def _machine(state: LabState, host: LabHost) -> list[str]:
+    """The host's mount namespace (made if missing): the argv prefix that enters it."""
+    machine.create(host.ns, own=[Path(host.home)],
+                   shared=[shared_dir(state), Path(state.images)], hide=Path(state.root))
+    return machine.enter(host.ns)
+
+
 def _agent(state: LabState, host: LabHost) -> Agent:
+    args = _listen(state, host)            # the home and its certificate, before the machine
     return Agent(Path(host.home), ns=host.ns, accel=state.accel, images=Path(state.images),
-                 args=_relocation(state, host))
+                 args=args, wrap=_machine(state, host))
 
 
-def _relocation(state: LabState, host: LabHost) -> list[str]:
-    """gridvmd options for migrations between the lab's hosts: a listener on the host's LAN
-    address, the LAN as allowlist, and the lab's shared token in the host's home."""
+def _listen(state: LabState, host: LabHost) -> list[str]:
+    """gridvmd options for a lab host: its API on its LAN address (mutual TLS, with the
+    certificate the lab gives it), the LAN as allowlist."""
     home = Home(Path(host.home))
     home.ensure()
-    if not token_path(home).exists():
-        write_token(home, load_token(Home(Path(state.root))))
-    return ["--listen", f"{host.address.split('/')[0]}:{RELOCATION_PORT}",
-            "--relocation-hosts-allow", state.subnet]
+    address = host.address.split("/")[0]
+    pki.provision(pki.load_ca(Path(state.root)), Files(home).identity, host.name, address)
+    web = ["--web", f"{address}:{WEB_PORT}"] if state.web else []
+    return ["--listen", f"{address}:{API_PORT}", "--relocation-hosts-allow", state.subnet,
+            *web]
 
 
 def _start_host(state: LabState, host: LabHost, *, network: bool) -> int:
@@ -248,15 +268,21 @@ def _start_host(state: LabState, host: LabHost, *, network: bool) -> int:
     agent.start(timeout=30)
     assert agent.proc is not None
     if network:
-        with _client(host) as c:
+        with _client(state, host) as c:
             c.post("/networks", {"name": host.network, "mode": "bridge",
                                  "uplink": HOST_IFACE})
     return agent.proc.pid
 
 
+def client(state: LabState, host: LabHost, timeout: float = 120) -> Client:
+    """The administrator's client for a lab host: HTTPS to its LAN address, from the lab's
+    client namespace, with the lab's certificate."""
+    return pki.client(Path(state.root), host.address.split("/")[0], state.client.ns, timeout)
+
+
 @contextlib.contextmanager
-def _client(host: LabHost, timeout: float = 60) -> Any:
-    c = Client(Home(Path(host.home)), timeout=timeout)
+def _client(state: LabState, host: LabHost, timeout: float = 60) -> Any:
+    c = client(state, host, timeout)
     try:
         yield c
     finally:
@@ -272,10 +298,12 @@ def down(name: str) -> None:
     state = load(name)
     if state.hosts:
         with ThreadPoolExecutor(max_workers=len(state.hosts)) as pool:
-            list(pool.map(_stop_host, state.hosts))
+            list(pool.map(lambda h: _stop_host(state, h), state.hosts))
     for ns in state.namespaces():
         _kill_namespace(ns)
         netns.remove(ns)
+    for h in state.hosts:
+        machine.remove(h.ns)
     for h in state.hosts:
         for kind in ("net", "lb"):      # dnsmasq's and conntrackd's files
             shutil.rmtree(RUN_ROOT / kind / host_tag(Home(Path(h.home))), ignore_errors=True)
@@ -284,10 +312,10 @@ def down(name: str) -> None:
     state_path(name).unlink(missing_ok=True)
 
 
-def _stop_host(host: LabHost) -> None:
+def _stop_host(state: LabState, host: LabHost) -> None:
     """Destroy the host's guests and delete its networks through its daemon, then stop it."""
     if host.pid is not None and _daemon_alive(host):
-        with contextlib.suppress(GridvmError), _client(host, timeout=30) as c:
+        with contextlib.suppress(GridvmError), _client(state, host, timeout=30) as c:
             for view in c.get("/domains"):
                 with contextlib.suppress(GridvmError):
                     if view["domid"] is not None:
@@ -301,7 +329,7 @@ def _stop_host(host: LabHost) -> None:
 
 def _daemon_alive(host: LabHost) -> bool:
     return host.pid is not None and procs.pid_alive(host.pid) and any(
-        "gridvm.api.daemon" in a for a in procs.cmdline(host.pid))
+        a in ("gridvm.gridvmd", "gridvm.api.daemon") for a in procs.cmdline(host.pid))
 
 
 def _stop_daemon(host: LabHost, *, kill: bool) -> None:
@@ -367,8 +395,11 @@ def exec_argv(state: LabState, target: str, cmd: list[str]) -> tuple[list[str], 
         ns = state.client.ns
     else:
         host = state.host(target)
-        ns = host.ns
         env["GRIDVM_HOME"] = host.home
+        env["GRIDVM_IMAGES"] = state.images
+        if not cmd:
+            cmd = [os.environ.get("SHELL", "/bin/sh")]
+        return [*machine.enter(host.ns), *netns.exec_prefix(host.ns), *cmd], env
     if not cmd:
         cmd = [os.environ.get("SHELL", "/bin/sh")]
     return [*netns.exec_prefix(ns), *cmd], env
