@@ -27,6 +27,7 @@ from gridvm.netaddr import host_port
 LOCAL_HEADER = "x-gridvm-local"   # a request already routed by the cluster layer
 API_PORT = 8002                   # xend's relocation port; gridvmd's HTTPS API
 ENROLL_PORT = 8003                # certificate enrolment with a join token (server TLS only)
+CONNECT_S = 3.0                   # a powered-off host sends no RST: do not wait long for it
 
 def api_url(address: str, port: int = API_PORT) -> str:
     """The https URL of a gridvmd API listening on `address`."""
@@ -78,7 +79,9 @@ class HttpsPeer:
                       timeout: float = 30) -> PeerResponse:
         try:
             r = await self._http.request(method, path + (f"?{query}" if query else ""),
-                                         content=body, timeout=timeout,
+                                         content=body,
+                                         timeout=httpx.Timeout(timeout,
+                                                               connect=min(CONNECT_S, timeout)),
                                          headers={"content-type": "application/json"})
         except httpx.TimeoutException as exc:
             raise PeerUnreachable(f"gridvmd at {self.address} did not answer within "

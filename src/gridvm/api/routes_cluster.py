@@ -42,6 +42,8 @@ from gridvm.cluster.service import (
 from gridvm.config.model import DomainConfig, HostRef
 from gridvm.errors import Conflict, GridvmError, NotFound
 
+LIST_S = 10.0      # a host that does not list its domains in time is left out of a listing
+
 
 class MaintenanceRequest(BaseModel):
     on: bool
@@ -159,12 +161,12 @@ class ClusterRouter:
             await resp(scope, receive, send)
 
     async def _proxy(self, host: str, method: str, path: str, body: bytes = b"",
-                     query: str = "") -> Response:
+                     query: str = "", timeout: float = 900) -> Response:
         if self.node.peers is None:
             raise Conflict("this gridvmd cannot reach other hosts")
         peer = await self.node.peers.peer(host)
         try:
-            r = await peer.request(method, path, body=body, query=query, timeout=900)
+            r = await peer.request(method, path, body=body, query=query, timeout=timeout)
         except GridvmError as exc:
             raise GridvmError(f"host {host}'s gridvmd does not answer: {exc}") from exc
         finally:
@@ -178,7 +180,7 @@ class ClusterRouter:
 
         async def one(host: str) -> list[dict[str, Any]]:
             try:
-                r = await self._proxy(host, "GET", "/v1/domains")
+                r = await self._proxy(host, "GET", "/v1/domains", timeout=LIST_S)
             except GridvmError:
                 return []
             views: list[dict[str, Any]] = json.loads(bytes(r.body)) if r.status_code == 200 \

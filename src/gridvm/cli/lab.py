@@ -42,6 +42,8 @@ def up(
     cluster: Annotated[bool, typer.Option("--cluster", help="run etcd, join every host")] =
     False,
     ttl: Annotated[int, typer.Option("--ttl", help="hosts' lease TTL (with --cluster)")] = 5,
+    margin: Annotated[float, typer.Option(
+        "--margin", help="seconds HA waits after a lease expired (with --cluster)")] = 1.0,
     web: Annotated[bool, typer.Option(
         "--web", help="every host serves the web console on its LAN address, port 8006")] =
     False,
@@ -53,7 +55,7 @@ def up(
     t0 = time.monotonic()
     state = lab.plan(name, hosts, root=State.home.root / "labs" / name,
                      images=State.home.images, accel=accel, subnet=subnet,
-                     cluster=cluster, ttl=ttl, web=web)
+                     cluster=cluster, ttl=ttl, margin=margin, web=web)
     lab.up(state)
     if as_json:
         emit_json(lab.status(state))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import httpx
@@ -20,7 +21,7 @@ from pydantic import BaseModel, Field
 
 from gridvm.cluster import enroll, etcdproc
 from gridvm.cluster.core import Cluster
-from gridvm.cluster.etcd import Etcd
+from gridvm.cluster.etcd import Etcd, EtcdError
 from gridvm.cluster.pki import Ca, Identity, PkiError, make_csr, spki_hash
 from gridvm.cluster.settings import Files
 from gridvm.config.model import HostRef, Text
@@ -153,9 +154,18 @@ def become_etcd_member(files: Files, urls: str, name: str, address: str) -> str:
     return ",".join([own, *others])
 
 
-def add_member(cluster: Cluster, name: str, address: str) -> str:
-    """Add an etcd member at `address` (to be started next); the --initial-cluster list."""
-    members = cluster.etcd.member_add(etcdproc.peer_url(address))
+def add_member(cluster: Cluster, name: str, address: str, *, wait: float = 20) -> str:
+    """Add an etcd member at `address` (to be started next); the --initial-cluster list.
+    etcd refuses while a member started lately is not yet counted as active: retry."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            members = cluster.etcd.member_add(etcdproc.peer_url(address))
+            break
+        except EtcdError as exc:
+            if "unhealthy cluster" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
     parts = []
     for m in members:
         urls = m.get("peerURLs") or []

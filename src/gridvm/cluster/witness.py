@@ -59,8 +59,10 @@ def enlist(dir: Path, server: str, token: str, ca_hash: str, address: str,
            name: str) -> dict[str, Any]:
     """Enrol as a witness, add and start our etcd member, start the keeper."""
     w = Witness(dir)
-    if w.state.exists():
-        raise Conflict(f"{dir} holds a witness already (of {w.load().get('cluster')})")
+    if w.state.exists():                 # set up before (e.g. the box rebooted): run it
+        state = w.load()
+        start_keeper(w)
+        return {**state, "started": True}
     dir.mkdir(parents=True, exist_ok=True)
     key, ans = membership.enroll_with(server, token, ca_hash, name, address)
     if ans.role != "witness":
@@ -120,6 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dir", required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     keep(Witness(Path(args.dir)))
 
 

@@ -58,7 +58,8 @@ def start_cluster(state: lab.LabState) -> None:
     netns.call_in(state.etcd.ns, setup)
     for h in state.hosts:
         with lab._client(state, h) as c:
-            c.post("/cluster/join", {"etcd": url, "host": h.name, "ttl": state.ttl})
+            c.post("/cluster/join", {"etcd": url, "host": h.name, "ttl": state.ttl,
+                                     "margin": state.margin})
 
 
 def _port(state: lab.LabState, host: str, up: bool) -> None:

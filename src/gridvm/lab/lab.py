@@ -74,6 +74,7 @@ class LabState(BaseModel):
     ready: bool = False
     etcd: LabClient | None = None   # with --cluster: etcd's namespace and LAN address
     ttl: int = 5                    # the hosts' lease TTL in a cluster
+    margin: float = 1.0             # how long HA waits after a lease expired
     web: bool = False               # hosts serve the web console on their LAN address
 
     def host(self, name: str) -> LabHost:
@@ -141,6 +142,7 @@ def find_host(ref: str) -> tuple[LabState, LabHost]:
 
 def plan(name: str, hosts: int, *, root: Path, images: Path, accel: str,
          subnet: str = DEFAULT_SUBNET, cluster: bool = False, ttl: int = 5,
+         margin: float = 1.0,
          web: bool = False) -> LabState:
     """What `up` will make; validates the request."""
     if not NAME_RE.fullmatch(name):
@@ -165,6 +167,7 @@ def plan(name: str, hosts: int, *, root: Path, images: Path, accel: str,
         hosts=[LabHost(name=f"h{i}", ns=f"{name}-h{i}", address=addr(10 + i),
                        home=str(root.absolute() / f"h{i}")) for i in range(1, hosts + 1)],
         etcd=LabClient(ns=f"{name}-etcd", address=addr(3)) if cluster else None, ttl=ttl,
+        margin=margin,
         web=web,
     )
 
