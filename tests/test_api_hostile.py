@@ -24,6 +24,7 @@ from hostlab import HostEnv
 from gridvm.host import links, netns, procs
 from gridvm.host.resources import cgroup_parent
 from gridvm.lab.agent import Agent
+from gridvm.lifecycle import DomainState
 from gridvm.store.sqlite import SqliteStore
 
 pytestmark = pytest.mark.guest
@@ -213,7 +214,7 @@ def test_cli_gets_one_line_when_the_daemon_dies_mid_request(host: HostEnv) -> No
 def test_readoption_rebuilds_taps_and_cgroup_after_a_kill_just_after_qemu_started(
         host: HostEnv) -> None:
     """The state a gridvmd killed right after QEMU's start left: record without taps,
-    state 'dying', QEMU outside its cgroup. The next gridvmd takes it all back."""
+    state 'starting', QEMU outside its cgroup. The next gridvmd takes it all back."""
     cfg, ip = host.write_cfg("late1", extra="cap = 20")
     host.gridvm("create", str(cfg))
     host.wait_http(ip)
@@ -223,7 +224,7 @@ def test_readoption_rebuilds_taps_and_cgroup_after_a_kill_just_after_qemu_starte
     rec = store.by_name("late1")
     assert rec is not None and rec.taps
     tap = rec.taps[0]
-    rec.taps, rec.state = [], "dying"
+    rec.taps, rec.state = [], DomainState.STARTING
     store.put(rec)
     store.close()
     for ctl in ("cpu", "cpuacct"):           # back to the root group, as before apply()
@@ -246,7 +247,7 @@ def test_readoption_rebuilds_taps_and_cgroup_after_a_kill_just_after_qemu_starte
 
 
 def test_a_kill_while_taps_were_made_leaks_none(host: HostEnv) -> None:
-    """What a gridvmd killed half-way through making taps left: a 'dying' record with its
+    """What a gridvmd killed half-way through making taps left: a 'starting' record with its
     planned taps and no QEMU, and (from older versions) tagged taps no record names.
     Untagged interfaces with gridvm-like names belong to someone else and stay."""
     from gridvm.config.model import DomainConfig
@@ -258,7 +259,7 @@ def test_a_kill_while_taps_were_made_leaks_none(host: HostEnv) -> None:
     domid = store.next_domid()
     planned = [f"vif{domid}.{i}" for i in range(4)]
     cfg = DomainConfig.model_validate(pv(host, "half1", vifs=[{"bridge": "xenbr0"}] * 4))
-    store.put(DomainRecord(config=cfg, domid=domid, taps=planned, state="dying"))
+    store.put(DomainRecord(config=cfg, domid=domid, taps=planned, state=DomainState.STARTING))
     store.close()
 
     def make() -> None:

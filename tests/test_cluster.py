@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
 import ssl
 import threading
 import time
@@ -219,6 +221,75 @@ def test_power_loss_restarts_ha_domains_elsewhere_even_the_managers_host(cl: Lab
     assert sum(qemus(cl, h, "web2") for h in ("h1", "h2", "h3")) == 1
     for name in ("web1", "web2"):
         cl.gridvm("destroy", name, host=others[1])
+
+
+class Copies:
+    """Notes, every 0.1 s in a thread, the hosts where a domain's QEMU runs (one QEMU
+    daemonizing shows as two processes for a moment: hosts are what counts)."""
+
+    def __init__(self, cl: LabEnv, name: str) -> None:
+        self.seen: list[set[str]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(cl, name), daemon=True)
+
+    def _run(self, cl: LabEnv, name: str) -> None:
+        while not self.stop.is_set():
+            self.seen.append({h for h in ("h1", "h2", "h3") if qemus(cl, h, name)})
+            time.sleep(0.1)
+
+    def __enter__(self) -> Copies:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+
+    @property
+    def most(self) -> int:
+        return max(len(hosts) for hosts in self.seen)
+
+
+def test_a_crash_is_restarted_by_its_host_or_else_by_the_ha_manager(cl: LabEnv) -> None:
+    """on_crash=restart (the default): its QEMU dies, its host restarts it in place and the
+    HA manager leaves it be. on_crash=destroy: the guest crashes, its host does not restart
+    it, the registry marks it lost (not deleted) and the HA manager restarts it. Either way
+    it never runs on two hosts."""
+    all_up(cl)
+    home = next(h for h in ("h1", "h2", "h3") if h != leader(cl))
+    try:
+        ha_create(cl, "cr1", 14, "--host", home, group="cr1")
+        ip = cl.guest_ip(14)
+        assert cl.wait_http(ip) == "cr1"
+        boot = cl.http(ip, "/bootid")
+        [pid] = qemu_pids(cl, home, "cr1")
+        with Copies(cl, "cr1") as copies:
+            os.kill(pid, signal.SIGKILL)
+            wait_for("cr1 rebooted", lambda: cl.http(ip, "/bootid", timeout=1) != boot, 60)
+            time.sleep(TTL + 3)              # a round of the HA manager would have acted
+        assert copies.most == 1 and {home} in copies.seen
+        assert qemus(cl, home, "cr1") == 1 and qemu_pids(cl, home, "cr1") != [pid]
+        assert views(cl)["cr1"]["host"] == home and views(cl)["cr1"]["state"] == "running"
+
+        cfg = cl.write_cfg("cr2", "bridge=xenbr0", f'ip = "{cl.guest_ip(15)}"\n'
+                           'netmask = "255.255.255.0"\nha = "restart"\nha_group = "cr2"\n'
+                           'on_crash = "destroy"\n')
+        cl.gridvm("create", str(cfg), "--host", home, host=home)
+        ip = cl.guest_ip(15)
+        assert cl.wait_http(ip) == "cr2"
+        boot = cl.http(ip, "/bootid")
+        with Copies(cl, "cr2") as copies:
+            with contextlib.suppress(OSError):
+                cl.http(ip, "/crash", timeout=1)
+            wait_for("cr2 restarted by the HA manager",
+                     lambda: cl.http(ip, "/bootid", timeout=1) != boot, 60)
+            time.sleep(TTL + 3)
+        assert copies.most == 1 and set() in copies.seen     # it was down, then back
+        assert sum(qemus(cl, h, "cr2") for h in ("h1", "h2", "h3")) == 1
+        assert views(cl)["cr2"]["state"] == "running"
+    finally:
+        for name in ("cr1", "cr2"):
+            cl.gridvm("destroy", name, host=home, check=False)
 
 
 # ----- evacuate -------------------------------------------------------------------------------

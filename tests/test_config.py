@@ -17,11 +17,9 @@ from gridvm.config.xmfile import (
     UNSUPPORTED_KEYS,
     LoadResult,
     load_config,
-    parse_bytes,
     parse_config,
-    parse_disk,
-    parse_vif,
 )
+from gridvm.config.xmvalues import parse_bytes, parse_disk, parse_vif
 from gridvm.errors import ConfigError, Conflict
 
 CONFIGS = Path(__file__).parent / "configs"

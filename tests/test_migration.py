@@ -340,7 +340,8 @@ def test_destination_qemu_killed_before_during_and_at_the_switch(lab: LabEnv) ->
     with gate("switchover") as reached:
         fut = migrate_bg(lab, "victim", "h1", "h2", "--live")
         reached()
-        assert state(lab, "h1", "victim") == "paused"
+        assert state(lab, "h1", "victim") == "migrating"
+        assert source_job(lab, "h1")["status"] == "pre-switchover"   # QEMU paused the guest
         kill_dest_qemu()
     failed(fut, "keeps running on this host")
     for _ in range(3):
@@ -441,7 +442,8 @@ def test_second_migration_and_destroy_are_refused_during_a_migration(lab: LabEnv
     wait_for("the copy", lambda: source_job(lab, "h1").get("phase") == "memory")
     for args in (("migrate", "--live", "busy", f"{lab.name}/h2"), ("destroy", "busy"),
                  ("save", "busy", str(lab.shared / "busy.save"))):
-        assert "is busy (migrating to" in lab.fails(*args, host="h1")
+        assert "domain busy is migrating; try again when it is done" in lab.fails(
+            *args, host="h1")
     assert lab.gridvm("migrate", "--cancel", "busy", host="h1").stdout.startswith(
         "migration of busy cancelled; it keeps running on this host")
     failed(fut, "migration of busy cancelled; it keeps running on this host")

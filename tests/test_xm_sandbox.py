@@ -9,7 +9,8 @@ import time
 import pytest
 
 from gridvm.config.safeeval import evaluate
-from gridvm.config.xmfile import parse_config, parse_disk
+from gridvm.config.xmfile import parse_config
+from gridvm.config.xmvalues import parse_disk
 from gridvm.errors import ConfigError
 
 XM_HEADER = """\

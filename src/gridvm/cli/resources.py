@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gridvm.api.client import Client, q
-from gridvm.config.xmfile import parse_bytes
+from gridvm.config.xmvalues import parse_bytes
 from gridvm.errors import ConfigError
 
 out = Console()

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gridvm.cluster.etcd import Compare, Etcd, EtcdError, delete_op, put_op
+from gridvm.cluster.hoststate import derive
 from gridvm.errors import Conflict
 
 log = logging.getLogger("gridvm.cluster")
@@ -228,18 +229,12 @@ class Cluster:
         return self._map("domains")
 
     def host_states(self) -> dict[str, str]:
-        """up | down | fenced | maintenance for every joined host."""
+        """up | down | fenced | maintenance (a HostState) for every joined host."""
         alive, fenced = self.alive(), self.fenced()
-        out = {}
+        out: dict[str, str] = {}
         for name, rec in self.hosts().items():
-            if name in fenced:
-                out[name] = "fenced"
-            elif name not in alive:
-                out[name] = "down"
-            elif rec.get("maintenance"):
-                out[name] = "maintenance"
-            else:
-                out[name] = "up"
+            out[name] = derive(fenced=name in fenced, alive=name in alive,
+                               maintenance=bool(rec.get("maintenance")))
         return out
 
     def find_domain(self, ref: str) -> dict[str, Any] | None:

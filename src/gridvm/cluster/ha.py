@@ -17,8 +17,10 @@ when this host is elected) it:
    level starts once the one above it has been launched). A domain that stopped
    unexpectedly 3 times within 5 minutes is given up (`ha-failed`: the restart-loop guard;
    host failures do not count, including domains lost with reason `fenced`, which a host
-   that lost its lease reports when it is back); a `best-effort` domain gets one try when
-   no host has room.
+   that lost its lease reports when it is back, or `gone`, which a gridvmd reports for a
+   QEMU it found gone when it started); a `best-effort` domain gets one try when no host
+   has room. A host marks a domain lost only when it does not restart it itself (its
+   on_crash and its own loop guard decide), so a domain never runs on two hosts.
    A launch that fails puts the domain back to `lost`; for `AVOID_S` its retries prefer
    the other hosts (the one it failed on is used only if nothing else fits).
 """
@@ -33,6 +35,7 @@ from itertools import groupby
 from typing import Any
 
 from gridvm.cluster.ha_env import FenceFailed, HaEnv
+from gridvm.cluster.hoststate import HostWatch
 from gridvm.cluster.placement import (
     ACTIVE,
     DEFAULT_CPU_RATIO,
@@ -50,6 +53,7 @@ LOOP_LIMIT = 3
 LOOP_WINDOW_S = 300.0
 OBSERVE_GAP_S = 2.0   # sightings older than a gap this long in observing are forgotten
 AVOID_S = 60.0        # a domain's restarts avoid a host where its launch failed this long
+HOST_FAILURES = ("fenced", "gone")   # reasons a domain was lost that are not its fault
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,7 @@ class HaManager:
         self.unplaced: set[str] = set()          # "cannot restart yet" already said
         self.fence_failing: set[str] = set()     # "fencing failed" already said
         self.failed_on: dict[str, dict[str, float]] = {}  # uuid -> host -> launch failed at
+        self.hosts = HostWatch()                 # logs every host state transition seen
 
     def tick(self) -> None:
         """A round if this host leads the HA election, else only `observe` (blocking)."""
@@ -87,6 +92,7 @@ class HaManager:
         if now - self.observed_at > OBSERVE_GAP_S:   # not watching all along: start afresh
             self.dead_since.clear()
         self.observed_at = now
+        self.hosts.observe(states)
         for host, state in states.items():
             if state == "down":
                 self.dead_since.setdefault(host, now)
@@ -155,8 +161,9 @@ class HaManager:
         wall = env.wall()
         recent = [t for t in rec.get("ha_restarts", []) if wall - t < LOOP_WINDOW_S]
         # host failures do not count: a domain its host's resync marked lost ("fenced": the
-        # host lost its lease, so its watchdog or a power loss stopped it) is one
-        guest_failure = rec.get("state") == "lost" and rec.get("reason") != "fenced"
+        # host lost its lease, so its watchdog or a power loss stopped it) is one, and so is
+        # one its gridvmd found gone when it started ("gone")
+        guest_failure = rec.get("state") == "lost" and rec.get("reason") not in HOST_FAILURES
         if guest_failure and len(recent) >= LOOP_LIMIT:
             env.log(logging.ERROR, f"{name}: restarted {len(recent)} times in "
                                    f"{LOOP_WINDOW_S:.0f}s; giving up")

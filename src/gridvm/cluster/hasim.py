@@ -17,7 +17,8 @@ a command runs at the first step at or after its time, before that step's leases
    10 etcd-down | etcd-up                    etcd itself stops (its leases are extended when
                                              it returns, as etcd does after an election)
    10 maintenance h1 on|off
-   30 crash web                              its QEMU dies; its host marks it lost
+   30 crash web                              it stops and its host does not restart it
+                                             (on_crash destroy, loop guard): marked lost
    10 fence-fail h1 | fence-ok h1            fencing h1 fails / works (needs fence=power)
    10 launch-fail h3 | launch-ok h3          starting a domain on h3 fails / works
    10 watchdog-fail h2 | watchdog-ok h2      h2's self-fencing kills nothing / works

@@ -20,6 +20,7 @@ from typing import Any
 from gridvm.cluster.etcd import EtcdUnavailable
 from gridvm.cluster.ha import HaManager, HaSettings
 from gridvm.cluster.ha_env import FenceFailed
+from gridvm.cluster.hoststate import derive
 from gridvm.cluster.placement import ACTIVE, DEFAULT_CPU_RATIO
 from gridvm.config.model import DomainConfig
 from gridvm.errors import Conflict, GridvmError
@@ -159,14 +160,10 @@ class SimWorld:
 
     def host_states(self) -> dict[str, str]:
         """cluster.core.Cluster.host_states over the simulated keys."""
-        out = {}
+        out: dict[str, str] = {}
         for name in sorted(self.hosts):
-            if name in self.reg.fenced:
-                out[name] = "fenced"
-            elif name not in self.reg.alive:
-                out[name] = "down"
-            else:
-                out[name] = "maintenance" if self.hosts[name].maintenance else "up"
+            out[name] = derive(fenced=name in self.reg.fenced, alive=name in self.reg.alive,
+                               maintenance=self.hosts[name].maintenance)
         return out
 
     # ----- one step -------------------------------------------------------------------------
@@ -314,10 +311,10 @@ class SimWorld:
         h.running[cfg.uuid] = cfg.name
 
     def crash(self, uuid: str, name: str) -> None:
-        """A QEMU dies on its host; the host marks it lost (cluster/store.py `_unregister`,
-        as it means to: today the stop reason it reads from SQLite is stale, so it drops the
-        record instead; and a host that is back marks its missing domains lost by `resync`,
-        where today gridvmd's re-adoption drops them first)."""
+        """A QEMU dies on its host and the host does not restart it (its on_crash does not
+        restart, its loop guard gave up, or the relaunch failed): it marks an ha=restart
+        domain lost (cluster/store.py `_unregister`) and drops any other. A crash the host
+        restarts in place never reaches the registry, so it is not modelled."""
         where = [h for h in self.hosts.values() if uuid in h.running]
         for h in where:
             del h.running[uuid]

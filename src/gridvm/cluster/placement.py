@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from gridvm.config.model import DomainConfig
 from gridvm.errors import ResourceError
+from gridvm.lifecycle import WITH_QEMU
 
 DEFAULT_CPU_RATIO = 4.0
 
@@ -166,4 +167,6 @@ def loads_from(states: dict[str, str], capacity: dict[str, dict[str, object]],
     return loads
 
 
-ACTIVE = ("running", "blocked", "paused", "dying", "shutdown", "crashed", "restarting")
+# Registry states in which a domain occupies its host: every domain state with a QEMU, and
+# the HA manager's "restarting" (placed, being launched).
+ACTIVE = (*sorted(WITH_QEMU), "restarting")

@@ -5,6 +5,10 @@ every change is also published to `/gridvm/domains/<uuid>` with this host's name
 domain names are claimed cluster-wide in `/gridvm/names/<name>` before a record is first
 written. A record that etcd says belongs to another host (the HA manager moved it) is never
 overwritten; `resync` reconciles both sides after the host regains its lease.
+
+An HA domain (`ha = 'restart'`, not managed) that stopped unexpectedly and that its host does
+not restart becomes `lost` in the registry, never deleted, so the HA manager restarts it
+(`hands_over` tells the host so; `delete` hears the stop reason from it).
 """
 
 from __future__ import annotations
@@ -18,11 +22,14 @@ from gridvm.cluster.etcd import Compare, EtcdError, delete_op
 from gridvm.cluster.placement import ACTIVE
 from gridvm.cluster.settings import Files
 from gridvm.errors import Conflict, GridvmError
+from gridvm.lifecycle import DomainState
 from gridvm.store.records import DomainRecord, Store
 
 log = logging.getLogger("gridvm.cluster.store")
 
-UNEXPECTED = ("poweroff", "crash", "qemu-died")   # stops the HA manager undoes
+# Stops the HA manager undoes. "gone": gridvmd found the QEMU gone when it started (the host
+# or gridvmd was down), which the HA manager does not count as a guest failure.
+UNEXPECTED = ("poweroff", "crash", "qemu-died", "gone")
 
 
 def registry_record(rec: DomainRecord, host: str, old: dict[str, Any] | None) -> dict[str, Any]:
@@ -70,7 +77,7 @@ class ClusterStore:
 
     def put(self, rec: DomainRecord) -> None:
         ha = rec.config.ha.ha != "off"
-        if ha and rec.state == "dying" and self.fenced():
+        if ha and rec.state is DomainState.STARTING and self.fenced():
             raise Conflict(f"host {self.host} is fenced: HA domain {rec.name} cannot start here")
         prev = self.local.get(rec.uuid)
         if prev is None or prev.name != rec.name:
@@ -78,9 +85,13 @@ class ClusterStore:
         self.local.put(rec)
         if prev is not None and prev.name != rec.name:
             self._etcd(lambda: self.cluster.release_name(prev.name, rec.uuid))
+        if prev is not None and prev.domid is not None and prev.domid != rec.domid:
+            (self.files.ha / str(prev.domid)).unlink(missing_ok=True)
         if ha and rec.domid is not None:
             self.files.ha.mkdir(parents=True, exist_ok=True)
             (self.files.ha / str(rec.domid)).touch()
+        if rec.uuid in self.moved_away:     # the destination owns the registry record now
+            return
         self._etcd(lambda: self.publish(rec))
 
     def publish(self, rec: DomainRecord) -> None:
@@ -93,7 +104,9 @@ class ClusterStore:
         self.cluster.etcd.put_json(self.cluster.key("domains", rec.uuid),
                                    registry_record(rec, self.host, old))
 
-    def delete(self, uuid: str) -> None:
+    def delete(self, uuid: str, *, reason: str | None = None) -> None:
+        """Forget a domain here; in the registry it becomes `lost` if `hands_over` says the
+        HA manager restarts it (the record and the name stay), else it is deleted."""
         rec = self.local.get(uuid)
         self.local.delete(uuid)
         if rec is None:
@@ -103,7 +116,12 @@ class ClusterStore:
         if uuid in self.moved_away:         # the destination takes the record and the name
             self.moved_away.discard(uuid)
             return
-        self._etcd(lambda: self._unregister(rec))
+        self._etcd(lambda: self._unregister(rec, reason))
+
+    def hands_over(self, rec: DomainRecord, reason: str) -> bool:
+        """An HA domain that stopped unexpectedly and that its host does not restart: the
+        HA manager restarts it (on any host), so its host must keep no copy of it."""
+        return rec.config.ha.ha == "restart" and not rec.managed and reason in UNEXPECTED
 
     def arrived(self, rec: DomainRecord) -> None:
         """A live migration to this host completed: the registry record (and the name) are
@@ -122,16 +140,18 @@ class ClusterStore:
         self.cluster.reserve_name(rec.name, rec.uuid)
         self.claims.discard(rec.uuid)
 
-    def _unregister(self, rec: DomainRecord) -> None:
+    def _unregister(self, rec: DomainRecord, reason: str | None) -> None:
         got = self.cluster.domain_kv(rec.uuid)
         if got is not None:
             old, rev = got
             if old.get("host") != self.host:
                 return                      # moved to another host: not ours any more
-            if rec.config.ha.ha == "restart" and not rec.managed and \
-                    rec.shutdown_reason in UNEXPECTED:
-                self.cluster.move_domain(rec.uuid, rev, {"state": "lost", "domid": None,
-                                                         "reason": rec.shutdown_reason})
+            if reason is not None and self.hands_over(rec, reason):
+                if not self.cluster.move_domain(rec.uuid, rev, {"state": "lost", "domid": None,
+                                                                "reason": reason}):
+                    self.dirty = True       # changed meanwhile: resync marks it lost
+                log.warning("%s: stopped (%s) and not restarted here: marked lost for the "
+                            "HA manager", rec.name, reason)
                 return
             key = self.cluster.key("domains", rec.uuid)
             self.cluster.etcd.txn([Compare(key, "MOD", rev)], [delete_op(key)])

@@ -1,4 +1,6 @@
-"""One running domain: its QEMU process, monitor, and the events that drive its state."""
+"""One running domain: its QEMU process, monitor, and the events that drive its state.
+
+The watcher only reports; the manager's handler (gridvm.host.supervisor) changes state."""
 
 from __future__ import annotations
 
@@ -19,8 +21,9 @@ log = logging.getLogger("gridvm.vm")
 
 WATCHED = ("SHUTDOWN", "STOP", "RESUME", "GUEST_PANICKED", "RESET")
 
-# What the watcher reports to its manager: (vm, kind) with kind
-# poweroff | reboot (paused, needs a reset) | reset (already reset) | crash | died.
+# What the watcher reports to its manager: (vm, kind) with kind stopped | resumed (QEMU
+# paused or resumed the guest) | poweroff | reboot (paused, needs a reset) | reset (already
+# reset) | crash | died.
 Handler = Callable[["Vm", str], Awaitable[None]]
 
 
@@ -48,7 +51,6 @@ class Vm:
         self.rundir = rundir
         self.monitor = monitor
         self.lock = asyncio.Lock()          # one state-changing operation at a time
-        self.busy: str | None = None         # e.g. "migrating": refuse conflicting operations
         self.expected_exit = False           # set before we stop QEMU ourselves
         self.pending_reboot = False          # `reboot` = ACPI power-off, then restart
         self.firmware_reset_until = 0.0      # see _classify
@@ -102,18 +104,18 @@ class Vm:
         name = event["event"]
         data = event.get("data", {})
         log.debug("%s: event %s %s", self.name, name, data)
-        if name == "STOP" and self.rec.state in ("running", "blocked"):
-            self.rec.state = "paused"
-        elif name == "RESUME":
-            self.rec.state = "running"
-        elif name == "GUEST_PANICKED":
+        if name == "STOP":
+            return "stopped"
+        if name == "RESUME":
+            return "resumed"
+        if name == "GUEST_PANICKED":
             return "crash"
-        elif name == "RESET" and data.get("guest"):
+        if name == "RESET" and data.get("guest"):
             if time.monotonic() < self.firmware_reset_until:
                 # SeaBIOS resets the machine again right after a host-initiated reset.
                 return None
             return "reset"  # the guest rebooted itself; QEMU has already reset it
-        elif name == "SHUTDOWN" and data.get("guest"):
+        if name == "SHUTDOWN" and data.get("guest"):
             if data.get("reason") == "guest-panic":
                 return "crash"
             return "reboot" if self.pending_reboot else "poweroff"

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Literal, Protocol
+from typing import Protocol
 
 from pydantic import BaseModel, Field
 
 from gridvm.config.model import DomainConfig
-
-# Xen's domain states, plus "shutoff" for a managed domain that is defined but not running.
-State = Literal["running", "blocked", "paused", "shutdown", "crashed", "dying", "shutoff"]
+from gridvm.lifecycle import DomainState
 
 
 class DomainRecord(BaseModel):
     config: DomainConfig
     managed: bool = False          # defined with `new`: stays when it stops
     domid: int | None = None       # set while a QEMU exists for it
-    state: State = "shutoff"
+    state: DomainState = DomainState.SHUTOFF   # changed only by gridvm.lifecycle.change
     started_at: float | None = None  # wall clock of the current boot
     restarts: list[float] = Field(default_factory=list)  # recent automatic restarts
     taps: list[str] = Field(default_factory=list)
@@ -40,7 +38,15 @@ class Store(Protocol):
     def get(self, uuid: str) -> DomainRecord | None: ...
     def by_name(self, name: str) -> DomainRecord | None: ...
     def all(self) -> list[DomainRecord]: ...
-    def delete(self, uuid: str) -> None: ...
+    def delete(self, uuid: str, *, reason: str | None = None) -> None:
+        """Forget a domain. `reason` is why it stopped, when it stopped on its own and this
+        host does not restart it (a cluster then restarts an HA domain elsewhere)."""
+        ...
+
+    def hands_over(self, rec: DomainRecord, reason: str) -> bool:
+        """True if, when this host does not restart `rec` after it stopped for `reason`,
+        another party restarts it (an HA domain in a cluster): the host keeps no copy."""
+        ...
     def next_domid(self) -> int: ...
     def get_meta(self, key: str) -> str | None: ...
     def set_meta(self, key: str, value: str) -> None: ...

@@ -66,9 +66,13 @@ class SqliteStore:
             rows = self._db.execute("SELECT record FROM domains ORDER BY name").fetchall()
         return [DomainRecord.model_validate_json(r[0]) for r in rows]
 
-    def delete(self, uuid: str) -> None:
+    def delete(self, uuid: str, *, reason: str | None = None) -> None:
         with self._lock:
             self._db.execute("DELETE FROM domains WHERE uuid = ?", (uuid,))
+
+    def hands_over(self, rec: DomainRecord, reason: str) -> bool:
+        """Nobody else restarts this host's domains."""
+        return False
 
     def arrived(self, rec: DomainRecord) -> None:
         """Nothing is shared beyond this host."""
