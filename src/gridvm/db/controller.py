@@ -27,6 +27,22 @@ DETECT_S = 2.0
 SWITCH_WAIT_S = 5.0
 
 
+class Steps:
+    """How long each step of a procedure took (for status and the benchmark)."""
+
+    def __init__(self) -> None:
+        self.t0 = self.last = time.monotonic()
+        self.took: dict[str, float] = {}
+
+    def done(self, step: str) -> None:
+        now = time.monotonic()
+        self.took[step] = round(now - self.last, 3)
+        self.last = now
+
+    def __str__(self) -> str:
+        return ", ".join(f"{k} {v:.2f}s" for k, v in self.took.items())
+
+
 class Stale(GridvmError):
     """The record changed under this controller (another one acted): start over."""
 
@@ -132,8 +148,10 @@ class DbController:
         m, old = a.member, a.other
         self._transition(record, m, Role.PROMOTING, a.why)
         await self._save(record)
+        steps = Steps()
         try:
             pos = await self.env.promote(record, m)
+            steps.done("relay log applied, writable")
         except GridvmError as exc:
             self._transition(record, m, Role.REPLICA, f"promotion failed: {exc}")
             await self._save(record)
@@ -142,9 +160,13 @@ class DbController:
         self._transition(record, m, Role.PRIMARY, f"promoted at {pos or 'an empty history'}"
                          + (f" (was {old})" if old else ""))
         await self._save(record)
+        steps.done("recorded")
         await self._follow(record, m, exclude={m})
+        steps.done("replicas repointed")
         await self.env.route_writer(record, m)
-        roles.note(record, m, "the writer VIP sends new connections here", say=self._say)
+        steps.done("writer VIP moved")
+        roles.note(record, m, f"the writer VIP sends new connections here ({steps})",
+                   say=self._say)
         await self._save(record)
 
     async def _follow(self, record: dict[str, Any], primary: str, exclude: set[str]) -> None:
@@ -214,9 +236,11 @@ class DbController:
         self._transition(record, old, Role.DEMOTING, f"switchover to {to}: {why}")
         self._transition(record, to, Role.PROMOTING, f"switchover from {old}: {why}")
         await self._save(record)
-        t0 = time.monotonic()
+        steps = Steps()
         await self.env.route_writer(record, None)
+        steps.done("writer VIP closed")
         pos = await self.env.demote(record, old)
+        steps.done("old primary read-only")
         if not await self.env.wait_pos(record, to, pos, SWITCH_WAIT_S):
             await self.env.writable(record, old)
             await self.env.route_writer(record, old)
@@ -226,16 +250,20 @@ class DbController:
             await self._save(record)
             raise Conflict(f"switchover aborted: {to} did not catch up with {old} in "
                            f"{SWITCH_WAIT_S:g}s; {old} is the primary again")
+        steps.done("caught up")
         await self.env.promote(record, to)
+        steps.done("promoted")
         record["primary"] = to
         self._transition(record, to, Role.PRIMARY, f"switchover from {old} at {pos}")
         self._transition(record, old, Role.REPLICA, f"switchover to {to}")
         await asyncio.gather(self.env.repoint(record, old, to),
                              self._follow(record, to, exclude={to, old}))
+        steps.done("replicas repointed")
         await self.env.route_writer(record, to)
-        blocked = time.monotonic() - t0
-        roles.note(record, to, f"switchover done: writes blocked {blocked:.2f}s",
+        steps.done("writer VIP moved")
+        blocked = time.monotonic() - steps.t0
+        roles.note(record, to, f"switchover done: writes blocked {blocked:.2f}s ({steps})",
                    say=self._say)
         await self._save(record)
         return {"database": self.name, "from": old, "to": to, "position": pos,
-                "blocked_s": round(blocked, 3)}
+                "blocked_s": round(blocked, 3), "steps": steps.took}

@@ -13,7 +13,7 @@ A member left `promoting` or `demoting` by a controller that died mid-way rejoin
 returning one. `lost` may also go straight back to `primary`/`replica` when it answers
 again before gridvm acted on it (a short blip). The record keeps each member's role with
 when and why it was entered; `transition` is the only way to change one, and it refuses a
-move the table does not allow.
+move the table does not allow (the project's `fsm.Machine`, like domains and hosts).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
 
-from gridvm.errors import Conflict
+from gridvm.fsm import IllegalTransition, Machine
 
 log = logging.getLogger("gridvm.db")
 
@@ -60,8 +60,8 @@ DOWN = frozenset({R.LOST, R.FENCED, R.STOPPED})
 HISTORY = 30          # events kept in the record
 
 
-class IllegalTransition(Conflict):
-    """A role change the transition table does not allow (a bug, or a stale view)."""
+MACHINE: Machine[Role] = Machine("database member", TRANSITIONS, log)
+__all__ = ["MACHINE", "IllegalTransition", "Role", "note", "role_of", "transition"]
 
 
 Logger = Callable[[int, str], None]
@@ -83,9 +83,7 @@ def transition(record: dict[str, Any], member: str, to: Role, why: str, *,
     was = Role(m["role"])
     if to == was:
         return
-    if to not in TRANSITIONS[was]:
-        raise IllegalTransition(f"database {record['name']}: member {member} cannot go from "
-                                f"{was} to {to} ({why})")
+    MACHINE.check(f"{member} of database {record['name']}", was, to)
     at = time.time() if now is None else now
     m.update(role=str(to), since=at, why=why)
     event = {"at": at, "member": member, "from": str(was), "to": str(to), "why": why}
