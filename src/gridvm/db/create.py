@@ -32,8 +32,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gridvm.db")
 BOOT_S = 300.0
-WRITER_CHECK = {"interval": 0.5, "rise": 1, "fall": 2}
-READER_CHECK = {"interval": 1.0, "rise": 2, "fall": 2}
+WRITER_CHECK = {"interval": 1.0, "rise": 1, "fall": 3}
+READER_CHECK = {"interval": 2.0, "rise": 2, "fall": 2}
 
 
 class Jobs:
