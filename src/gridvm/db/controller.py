@@ -83,7 +83,14 @@ class DbController:
     async def observe(self, record: dict[str, Any]) -> World:
         names = sorted(record["members"])
         hosts, domains = await asyncio.gather(self.env.hosts(), self.env.domains(record))
-        obs = await asyncio.gather(*(self.env.probe(record, m) for m in names))
+
+        async def probe(m: str) -> Observation:
+            host = record["members"][m]["host"]
+            if hosts.get(host) in ("down", "fenced"):      # no waiting for a dead machine
+                return Observation(False, error=f"its host {host} is {hosts.get(host)}")
+            return await self.env.probe(record, m)
+
+        obs = await asyncio.gather(*(probe(m) for m in names))
         now = self.env.now()
         seen = dict(zip(names, obs, strict=True))
         for m, o in seen.items():
