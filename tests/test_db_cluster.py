@@ -178,6 +178,23 @@ def test_switchover_under_load(lab: LabEnv, db: dict[str, str]) -> None:
     assert res["lost"] == [] and res["duplicated"] == [], res
 
 
+def test_maintenance_of_the_primarys_host_switches_over(lab: LabEnv,
+                                                        db: dict[str, str]) -> None:
+    v = st(lab)
+    old = v["primary"]
+    host = host_of(v, old)
+    lab.gridvm("host", "maintenance", host, "on", host="h1")
+    try:
+        wait_for("the primary role off the host in maintenance",
+                 lambda: primary(lab) != old, 60)
+        new = primary(lab)
+        assert host_of(st(lab), new) != host
+        assert member(st(lab), old)["role"] == "replica"
+    finally:
+        lab.gridvm("host", "maintenance", host, "off", host="h1")
+    wait_for("converged", lambda: converged(lab), 60)
+
+
 def test_primary_host_powered_off_mid_stream(lab: LabEnv, db: dict[str, str]) -> None:
     v = st(lab)
     old = v["primary"]
