@@ -52,6 +52,10 @@ class SimEnv:
         self.writer: str | None = None
         self.seq = 0
         self.said: list[str] = []
+        self.loop = asyncio.new_event_loop()        # one loop, as in gridvmd
+
+    def run(self, coro: Any) -> Any:
+        return self.loop.run_until_complete(coro)
 
     # -- the world's side ------------------------------------------------------------------
     def commit(self, *, acked_by: list[str] | None = None) -> str | None:
@@ -142,6 +146,9 @@ class SimEnv:
         self._apply(self.m[member])
         return pos in self.m[member].history or not pos
 
+    async def receiving(self, record: dict[str, Any], member: str, on: bool) -> None:
+        self.receiving_now = {**getattr(self, "receiving_now", {}), member: on}
+
     async def writable(self, record: dict[str, Any], member: str) -> None:
         self.m[member].read_only = False
 
@@ -171,7 +178,7 @@ def ready_env() -> tuple[SimEnv, DbController]:
 
 def rounds(env: SimEnv, ctl: DbController, seconds: float) -> None:
     for _ in range(int(seconds / 0.5)):
-        asyncio.run(ctl.tick())
+        env.run(ctl.tick())
         env.t += 0.5
 
 
@@ -188,6 +195,8 @@ def test_power_loss_promotes_after_fencing_and_keeps_every_acknowledged_commit()
     assert role(env, "db1") == "lost" and env.stored["primary"] == "db1"
     assert env.writer is None, "the writer VIP left the lost primary at once"
     assert "fenced" in (ctl.waiting or "")
+    env.run(asyncio.sleep(0))
+    assert env.receiving_now == {"db2": False, "db3": False}, "replicas stop receiving at once"
     env.host_state["h1"] = "fenced"
     rounds(env, ctl, 1)
     assert env.stored["primary"] == "db3" and role(env, "db1") == "fenced"
@@ -232,10 +241,10 @@ def test_returning_primary_with_an_unacknowledged_commit_is_recloned() -> None:
 def test_switchover_loses_nothing() -> None:
     env, ctl = ready_env()
     acked = [env.commit() for _ in range(3)]
-    res = asyncio.run(ctl.switchover("db2"))
+    res = env.run(ctl.switchover("db2"))
     assert res["from"] == "db1" and res["to"] == "db2" and env.writer == "db2"
     assert role(env, "db1") == "replica" and env.m["db1"].master == "db2"
     assert all(g in env.m["db2"].history for g in acked)
     with pytest.raises(Exception, match="already the primary"):
-        asyncio.run(ctl.switchover("db2"))
+        env.run(ctl.switchover("db2"))
     logging.getLogger().debug("%s", env.said)

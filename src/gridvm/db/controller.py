@@ -60,6 +60,7 @@ class DbController:
         self.lock = asyncio.Lock()
         self.record: dict[str, Any] | None = None
         self.rev = 0
+        self.stopping: dict[str, asyncio.Task[None]] = {}   # replicas' IO threads stopping
 
     def _say(self, level: int, message: str) -> None:
         self.env.log(level, message)
@@ -121,11 +122,13 @@ class DbController:
             self._transition(record, m, Role.LOST, a.why)
             if m == record.get("primary"):
                 await self.env.route_writer(record, None)     # no new writes to it
+                self._stop_receiving(record, world)
             await self._save(record)
         elif a.kind == "recovered":
             back = Role.PRIMARY if m == record.get("primary") else Role.REPLICA
             self._transition(record, m, back, a.why)
             if back == Role.PRIMARY:
+                await self._resume_receiving(record)
                 await self.env.route_writer(record, m)
             await self._save(record)
         elif a.kind == "fence":
@@ -151,11 +154,36 @@ class DbController:
         elif a.kind == "switchover":
             await self._switch(record, a.member, a.why)
 
+    def _stop_receiving(self, record: dict[str, Any], world: World) -> None:
+        """The primary is lost: stop the replicas' IO threads now, in the background. A
+        thread stuck on a dead primary's connection makes STOP SLAVE wait; this overlaps
+        that wait with the wait for fencing. What they received stays in their relay logs."""
+        for r, v in record["members"].items():
+            if Role(v["role"]) == Role.REPLICA and world.obs.get(r, Observation(False)).up:
+                task = asyncio.create_task(self.env.receiving(record, r, False))
+                task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+                self.stopping[r] = task
+
+    async def _stopped(self) -> None:
+        tasks, self.stopping = list(self.stopping.values()), {}
+        if tasks:
+            await asyncio.wait(tasks, timeout=15)
+
+    async def _resume_receiving(self, record: dict[str, Any]) -> None:
+        """A lost primary answers again before anything was done: receive from it again."""
+        await self._stopped()
+        await asyncio.gather(*(self.env.receiving(record, r, True)
+                               for r, v in record["members"].items()
+                               if Role(v["role"]) == Role.REPLICA),
+                             return_exceptions=True)
+
     async def _promote(self, record: dict[str, Any], a: Action) -> None:
         m, old = a.member, a.other
         self._transition(record, m, Role.PROMOTING, a.why)
         await self._save(record)
         steps = Steps()
+        await self._stopped()
+        steps.done("replicas stopped receiving")
         try:
             pos = await self.env.promote(record, m)
             steps.done("relay log applied, writable")
@@ -168,10 +196,9 @@ class DbController:
                          + (f" (was {old})" if old else ""))
         await self._save(record)
         steps.done("recorded")
-        await self._follow(record, m, exclude={m})
-        steps.done("replicas repointed")
-        await self.env.route_writer(record, m)
-        steps.done("writer VIP moved")
+        await asyncio.gather(self._follow(record, m, exclude={m}),
+                             self.env.route_writer(record, m))
+        steps.done("replicas repointed, writer VIP moved")
         roles.note(record, m, f"the writer VIP sends new connections here ({steps})",
                    say=self._say)
         await self._save(record)
@@ -258,14 +285,13 @@ class DbController:
             raise Conflict(f"switchover aborted: {to} did not catch up with {old} in "
                            f"{SWITCH_WAIT_S:g}s; {old} is the primary again")
         steps.done("caught up")
-        await self.env.promote(record, to)
-        steps.done("promoted")
+        # `to` has everything: the others may follow it while it becomes writable
         record["primary"] = to
         self._transition(record, to, Role.PRIMARY, f"switchover from {old} at {pos}")
         self._transition(record, old, Role.REPLICA, f"switchover to {to}")
-        await asyncio.gather(self.env.repoint(record, old, to),
+        await asyncio.gather(self.env.promote(record, to), self.env.repoint(record, old, to),
                              self._follow(record, to, exclude={to, old}))
-        steps.done("replicas repointed")
+        steps.done("promoted, replicas repointed")
         await self.env.route_writer(record, to)
         steps.done("writer VIP moved")
         blocked = time.monotonic() - steps.t0

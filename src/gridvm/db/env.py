@@ -66,6 +66,9 @@ class DbEnv(Protocol):
     async def wait_pos(self, record: dict[str, Any], member: str, pos: str,
                        timeout: float) -> bool: ...
 
+    async def receiving(self, record: dict[str, Any], member: str, on: bool) -> None:
+        """Start or stop a replica's IO thread (what it received stays)."""
+
     async def writable(self, record: dict[str, Any], member: str) -> None:
         """Accept writes again (an aborted switchover)."""
 
@@ -147,10 +150,10 @@ class ClusterDbEnv:
                         record["members"][primary]["ip"], record["secrets"]["repl"])
 
     async def demote(self, record: dict[str, Any], member: str) -> str:
-        t = target(record, member)
-        await self._sql(sql.set_read_only, t, True)
-        await self._sql(sql.kill_clients, t)
-        return await self._sql(sql.binlog_pos, t)
+        return await self._sql(sql.demote, target(record, member))
+
+    async def receiving(self, record: dict[str, Any], member: str, on: bool) -> None:
+        await self._sql(sql.start_io if on else sql.stop_io, target(record, member))
 
     async def wait_pos(self, record: dict[str, Any], member: str, pos: str,
                        timeout: float) -> bool:

@@ -74,9 +74,10 @@ class Writer(threading.Thread):
         self.join(timeout=30)
 
     def longest_gap(self, since: float = 0.0) -> tuple[float, float]:
-        """The longest time between two acknowledged commits (after `since`) and when it
-        began."""
-        ts = [t for _, t in self.acked if t >= since]
+        """The longest time between two acknowledged commits (from the last one before
+        `since` on) and when it began."""
+        before = [t for _, t in self.acked if t < since]
+        ts = before[-1:] + [t for _, t in self.acked if t >= since]
         gaps = [(b - a, a) for a, b in zip(ts, ts[1:], strict=False)]
         return max(gaps, default=(0.0, since))
 

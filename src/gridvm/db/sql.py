@@ -15,6 +15,7 @@ from typing import Any
 
 import pymysql
 import pymysql.cursors
+from pymysql.constants import CLIENT
 
 from gridvm.db.decide import Observation
 from gridvm.errors import GridvmError
@@ -22,7 +23,7 @@ from gridvm.errors import GridvmError
 POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="db-sql")
 ADMIN = "gridvm"
 REPL = "repl"
-CONNECT_S = 1.0
+CONNECT_S = 0.7
 QUERY_S = 2.0
 SYSTEM_DBS = ("mysql", "information_schema", "performance_schema", "sys")
 
@@ -47,6 +48,7 @@ def connect(t: Target, *, timeout: float = QUERY_S) -> Iterator[pymysql.cursors.
         conn = pymysql.connect(host=t.ip, port=t.port, user=ADMIN, password=t.password,
                                connect_timeout=CONNECT_S, read_timeout=timeout,
                                write_timeout=timeout, autocommit=True,
+                               client_flag=CLIENT.MULTI_STATEMENTS,
                                cursorclass=pymysql.cursors.DictCursor)
     except pymysql.MySQLError as exc:
         raise SqlError(f"{t.name}: {_why(exc)}") from exc
@@ -110,15 +112,32 @@ def wait_applied(t: Target, timeout: float) -> str:
         return str((cur.fetchone() or {}).get("p") or "")
 
 
+def batch(cur: pymysql.cursors.DictCursor, statements: list[str], args: Any = None) -> None:
+    """Several statements in one round trip (a TCG guest answers each one slowly)."""
+    cur.execute(";\n".join(statements), args)
+    while cur.nextset():
+        pass
+
+
 def make_primary(t: Target) -> None:
     """Stop replicating, forget the old primary, wait for a replica's acknowledgement
     before each commit (only a primary does: a replica that did would wait for replicas of
     its own), accept writes."""
     with connect(t, timeout=10) as cur:
-        cur.execute("STOP SLAVE")
-        cur.execute("RESET SLAVE ALL")
-        cur.execute("SET GLOBAL rpl_semi_sync_master_enabled = ON")
-        cur.execute("SET GLOBAL read_only = OFF")
+        batch(cur, ["STOP SLAVE", "RESET SLAVE ALL",
+                    "SET GLOBAL rpl_semi_sync_master_enabled = ON",
+                    "SET GLOBAL read_only = OFF"])
+
+
+def stop_io(t: Target) -> None:
+    """Stop receiving (the primary is gone): what was received stays in the relay log."""
+    with connect(t, timeout=15) as cur:
+        cur.execute("STOP SLAVE IO_THREAD")
+
+
+def start_io(t: Target) -> None:
+    with connect(t, timeout=15) as cur:
+        cur.execute("START SLAVE IO_THREAD")
 
 
 def set_read_only(t: Target, on: bool) -> None:
@@ -126,17 +145,29 @@ def set_read_only(t: Target, on: bool) -> None:
         cur.execute(f"SET GLOBAL read_only = {'ON' if on else 'OFF'}")
 
 
+def demote(t: Target) -> str:
+    """Read-only, every client connection ended but replication's and gridvm's (clients
+    reconnect through the writer VIP, to the new primary); the final binlog position."""
+    with connect(t, timeout=10) as cur:
+        cur.execute("SET GLOBAL read_only = ON")
+        _kill_clients(cur)
+        cur.execute("SELECT @@global.gtid_binlog_pos AS p")
+        return str((cur.fetchone() or {}).get("p") or "")
+
+
 def kill_clients(t: Target) -> int:
-    """End every client connection but replication's and gridvm's (clients reconnect
-    through the writer VIP, to the new primary)."""
     with connect(t) as cur:
-        cur.execute("SELECT id FROM information_schema.processlist WHERE id <> "
-                    "CONNECTION_ID() AND user NOT IN ('system user', %s, %s, "
-                    "'event_scheduler') AND command <> 'Binlog Dump'", (ADMIN, REPL))
-        ids = [int(r["id"]) for r in cur.fetchall()]
-        for i in ids:
-            with contextlib.suppress(pymysql.MySQLError):
-                cur.execute(f"KILL CONNECTION {i}")
+        return _kill_clients(cur)
+
+
+def _kill_clients(cur: pymysql.cursors.DictCursor) -> int:
+    cur.execute("SELECT id FROM information_schema.processlist WHERE id <> CONNECTION_ID() "
+                "AND user NOT IN ('system user', %s, %s, 'event_scheduler') "
+                "AND command <> 'Binlog Dump'", (ADMIN, REPL))
+    ids = [int(r["id"]) for r in cur.fetchall()]
+    for i in ids:
+        with contextlib.suppress(pymysql.MySQLError):
+            cur.execute(f"KILL CONNECTION {i}")
     return len(ids)
 
 
@@ -158,15 +189,15 @@ def wait_pos(t: Target, pos: str, timeout: float) -> bool:
 def repoint(t: Target, primary_ip: str, repl_password: str) -> None:
     """Replicate from `primary_ip` from where this member is (its own writes included),
     read-only."""
-    with connect(t, timeout=10) as cur:
-        cur.execute("SET GLOBAL read_only = ON")
-        cur.execute("SET GLOBAL rpl_semi_sync_master_enabled = OFF")
-        cur.execute("STOP SLAVE")
-        cur.execute("SET GLOBAL gtid_slave_pos = @@global.gtid_current_pos")
-        cur.execute("CHANGE MASTER TO MASTER_HOST=%s, MASTER_PORT=3306, MASTER_USER=%s, "
+    with connect(t, timeout=15) as cur:
+        batch(cur, ["SET GLOBAL read_only = ON",
+                    "SET GLOBAL rpl_semi_sync_master_enabled = OFF",
+                    "STOP SLAVE",
+                    "SET GLOBAL gtid_slave_pos = @@global.gtid_current_pos",
+                    "CHANGE MASTER TO MASTER_HOST=%s, MASTER_PORT=3306, MASTER_USER=%s, "
                     "MASTER_PASSWORD=%s, MASTER_USE_GTID=slave_pos, MASTER_CONNECT_RETRY=1, "
-                    "MASTER_HEARTBEAT_PERIOD=1", (primary_ip, REPL, repl_password))
-        cur.execute("START SLAVE")
+                    "MASTER_HEARTBEAT_PERIOD=1",
+                    "START SLAVE"], (primary_ip, REPL, repl_password))
 
 
 def user_databases(t: Target) -> list[str]:
