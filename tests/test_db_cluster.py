@@ -12,10 +12,12 @@ they wait, and status says so, when none does).
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pymysql
@@ -109,6 +111,25 @@ def events(v: dict[str, Any], since: float) -> str:
                      for e in v.get("events", []) if e["at"] >= since - 5)
 
 
+def wait_converged(lab: LabEnv, what: str, timeout: float) -> dict[str, Any]:
+    """`converged`, or the database's status and the hosts' database log lines."""
+    try:
+        v: dict[str, Any] = wait_for(what, lambda: converged(lab), timeout)
+        return v
+    except AssertionError:
+        for h in ("h1", "h2", "h3"):
+            with contextlib.suppress(Exception):
+                print(lab.gridvm("db", "status", DB, host=h).stdout)
+                break
+        for h in ("h1", "h2", "h3"):
+            log = Path(lab.state.host(h).home) / "logs" / "gridvmd.log"
+            with contextlib.suppress(OSError):
+                lines = [x for x in log.read_text().splitlines()
+                         if "gridvm.db" in x or "sales" in x][-25:]
+                print(f"--- {h}\n" + "\n".join(lines))
+        raise
+
+
 def wait_writes(w: Writer, n: int, timeout: float = 60) -> None:
     start = len(w.acked)
     wait_for(f"{n} more acknowledged writes", lambda: len(w.acked) >= start + n, timeout)
@@ -133,7 +154,7 @@ def test_bad_input_leaves_nothing(lab: LabEnv) -> None:
 
 
 def test_create_replicates_with_semisync(lab: LabEnv, db: dict[str, str]) -> None:
-    v = wait_for("every member converged", lambda: converged(lab), 60)
+    v = wait_converged(lab, "every member converged", 60)
     roles = sorted(m["role"] for m in v["members"])
     assert roles == ["primary", "replica", "replica"]
     assert sorted(m["host"] for m in v["members"]) == ["h1", "h2", "h3"]
@@ -172,7 +193,7 @@ def test_switchover_under_load(lab: LabEnv, db: dict[str, str]) -> None:
     gap, _ = w.longest_gap(t0 - 1)
     print(f"switchover {old} → {new}: {out.strip()}; longest client gap {gap:.2f}s")
     assert new != old
-    v = wait_for("converged after the switchover", lambda: converged(lab), 60)
+    v = wait_converged(lab, "converged after the switchover", 60)
     assert member(v, old)["role"] == "replica"
     res = verify(w.acked, count_rows(lab.ns("client"), db["vip"]))
     assert res["lost"] == [] and res["duplicated"] == [], res
@@ -192,7 +213,7 @@ def test_maintenance_of_the_primarys_host_switches_over(lab: LabEnv,
         assert member(st(lab), old)["role"] == "replica"
     finally:
         lab.gridvm("host", "maintenance", host, "off", host="h1")
-    wait_for("converged", lambda: converged(lab), 60)
+    wait_converged(lab, "converged", 60)
 
 
 def test_primary_host_powered_off_mid_stream(lab: LabEnv, db: dict[str, str]) -> None:
@@ -220,7 +241,7 @@ def test_primary_host_powered_off_mid_stream(lab: LabEnv, db: dict[str, str]) ->
     assert res["lost"] == [] and res["duplicated"] == [], res
     assert gap < 30
     lab.gridvm("lab", "poweron", victim, "--name", lab.name)
-    v = wait_for("the old primary back as a replica, converged", lambda: converged(lab), 240)
+    v = wait_converged(lab, "the old primary back as a replica, converged", 240)
     m = member(v, old)
     assert m["role"] == "replica" and m["rejoined"]["how"] in ("rejoin", "reclone")
     print(f"{old} rejoined: {m['rejoined']['how']}: {m['rejoined']['why']}")
@@ -257,7 +278,7 @@ def test_primary_mariadb_killed_with_an_unreplicated_commit(lab: LabEnv,
     wait_for("a new primary", lambda: primary(lab) != old, 60)
     t.join(timeout=30)
     assert "ok" not in result, "an unacknowledged commit was reported committed"
-    v = wait_for("the old primary re-cloned and converged", lambda: converged(lab), 300)
+    v = wait_converged(lab, "the old primary re-cloned and converged", 300)
     m = member(v, old)
     print(f"{old}: {m['rejoined']}")
     assert m["rejoined"]["how"] == "reclone" and "errant" in m["rejoined"]["why"]
@@ -290,7 +311,7 @@ def test_replica_lost_writes_go_on_then_wait(lab: LabEnv, db: dict[str, str]) ->
         lab.gridvm("lab", "poweron", victim, "--name", lab.name)
     res = verify(w.acked, count_rows(lab.ns("client"), db["vip"]))
     assert res["lost"] == [] and res["duplicated"] == [], res
-    wait_for("the lost replica back", lambda: converged(lab), 240)
+    wait_converged(lab, "the lost replica back", 240)
 
 
 def test_delete_removes_everything(lab: LabEnv, db: dict[str, str]) -> None:

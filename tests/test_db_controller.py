@@ -232,7 +232,7 @@ def test_returning_primary_with_an_unacknowledged_commit_is_recloned() -> None:
     env.commit()
     env.host_state["h1"] = "up"
     env.m["db1"].running = True
-    rounds(env, ctl, 1.5)
+    rounds(env, ctl, 1.5)                           # the re-clone is a job of its own
     rej = env.stored["members"]["db1"]["rejoined"]
     assert role(env, "db1") == "replica" and rej["how"] == "reclone"
     assert "errant" in rej["why"] and env.m["db1"].history == env.m[new].history

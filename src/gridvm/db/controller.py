@@ -61,6 +61,7 @@ class DbController:
         self.record: dict[str, Any] | None = None
         self.rev = 0
         self.stopping: dict[str, asyncio.Task[None]] = {}   # replicas' IO threads stopping
+        self.busy: dict[str, asyncio.Task[None]] = {}       # members a job works on
 
     def _say(self, level: int, message: str) -> None:
         self.env.log(level, message)
@@ -113,7 +114,8 @@ class DbController:
             plan = decide(record, world, detect_s=self.detect_s)
             self.waiting = plan.waiting
             for action in plan.actions:
-                await self._act(record, action, world)
+                if action.member not in self.busy:
+                    await self._act(record, action, world)
             return plan
 
     async def _act(self, record: dict[str, Any], a: Action, world: World) -> None:
@@ -218,19 +220,46 @@ class DbController:
 
     async def _rejoin(self, record: dict[str, Any], a: Action) -> None:
         m, primary = a.member, a.other or str(record["primary"])
-        if Role(record["members"][m]["role"]) != Role.REJOINING:
+        if Role(record["members"][m]["role"]) not in (Role.REJOINING, Role.RECLONING):
             self._transition(record, m, Role.REJOINING, "answers again; checking its GTIDs")
         if a.kind == "reclone":
-            self._transition(record, m, Role.RECLONING, a.why)
+            if Role(record["members"][m]["role"]) != Role.RECLONING:
+                self._transition(record, m, Role.RECLONING, a.why)
             await self._save(record)
-            await self.env.reclone(record, m, primary)
-            await self.env.repoint(record, m, primary)
-            self._transition(record, m, Role.REPLICA, f"re-cloned from {primary} ({a.why})")
-        else:
-            await self.env.repoint(record, m, primary)
-            self._transition(record, m, Role.REPLICA, a.why)
+            job = asyncio.create_task(self._reclone(m, primary, a.why), name=f"reclone-{m}")
+            self.busy[m] = job
+            job.add_done_callback(lambda _: self.busy.pop(m, None))
+            return
+        await self.env.repoint(record, m, primary)
+        self._transition(record, m, Role.REPLICA, a.why)
         record["members"][m]["rejoined"] = {"at": time.time(), "how": a.kind, "why": a.why}
         await self._save(record)
+
+    async def _reclone(self, m: str, primary: str, why: str) -> None:
+        """Copy the primary's data into `m` and make it a replica (a job of its own: the
+        rounds go on meanwhile)."""
+        assert self.record is not None
+        record = copy.deepcopy(self.record)
+        t0, took = time.monotonic(), 0.0
+        try:
+            await self.env.reclone(record, m, primary)
+            await self.env.repoint(record, m, primary)
+            took = time.monotonic() - t0
+            error = None
+        except Exception as exc:      # reported; the next round decides again
+            error = str(exc) if isinstance(exc, GridvmError) else f"{type(exc).__name__}: {exc}"
+        async with self.lock:
+            record = copy.deepcopy(await self._load())
+            if Role(record["members"][m]["role"]) != Role.RECLONING:
+                return
+            if error is not None:
+                self._transition(record, m, Role.REJOINING, f"re-clone failed: {error}")
+            else:
+                self._transition(record, m, Role.REPLICA,
+                                 f"re-cloned from {primary} in {took:.0f}s ({why})")
+                record["members"][m]["rejoined"] = {"at": time.time(), "how": "reclone",
+                                                    "why": why}
+            await self._save(record)
 
     # ----- planned switchover ---------------------------------------------------------------
 
