@@ -241,7 +241,7 @@ def test_primary_host_powered_off_mid_stream(lab: LabEnv, db: dict[str, str]) ->
     assert res["lost"] == [] and res["duplicated"] == [], res
     assert gap < 30
     lab.gridvm("lab", "poweron", victim, "--name", lab.name)
-    v = wait_converged(lab, "the old primary back as a replica, converged", 240)
+    v = wait_converged(lab, "the old primary back as a replica, converged", 420)
     m = member(v, old)
     assert m["role"] == "replica" and m["rejoined"]["how"] in ("rejoin", "reclone")
     print(f"{old} rejoined: {m['rejoined']['how']}: {m['rejoined']['why']}")
@@ -278,7 +278,7 @@ def test_primary_mariadb_killed_with_an_unreplicated_commit(lab: LabEnv,
     wait_for("a new primary", lambda: primary(lab) != old, 60)
     t.join(timeout=30)
     assert "ok" not in result, "an unacknowledged commit was reported committed"
-    v = wait_converged(lab, "the old primary re-cloned and converged", 300)
+    v = wait_converged(lab, "the old primary re-cloned and converged", 420)
     m = member(v, old)
     print(f"{old}: {m['rejoined']}")
     assert m["rejoined"]["how"] == "reclone" and "errant" in m["rejoined"]["why"]
@@ -311,7 +311,7 @@ def test_replica_lost_writes_go_on_then_wait(lab: LabEnv, db: dict[str, str]) ->
         lab.gridvm("lab", "poweron", victim, "--name", lab.name)
     res = verify(w.acked, count_rows(lab.ns("client"), db["vip"]))
     assert res["lost"] == [] and res["duplicated"] == [], res
-    wait_converged(lab, "the lost replica back", 240)
+    wait_converged(lab, "the lost replica back", 420)
 
 
 def test_delete_removes_everything(lab: LabEnv, db: dict[str, str]) -> None:
