@@ -21,7 +21,7 @@ from gridvm.host.vm import Vm
 from gridvm.qemu.guestagent import CHARDEV_ID, AgentError, ExecResult, GuestAgent
 
 if TYPE_CHECKING:
-    from gridvm.host.manager import HostManager
+    from gridvm.host.runtime import DomainRuntime
 
 log = logging.getLogger("gridvm.guest")
 
@@ -38,7 +38,7 @@ class _Cached:
 class Guests:
     """The guest-agent side of one host's domains."""
 
-    def __init__(self, manager: HostManager) -> None:
+    def __init__(self, manager: DomainRuntime) -> None:
         self.m = manager
         self._addresses: dict[str, _Cached] = {}     # by domain uuid
         self._tasks: set[asyncio.Task[None]] = set()
