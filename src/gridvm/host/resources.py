@@ -19,7 +19,6 @@ from gridvm.host.cpulist import format_cpulist, parse_cpulist
 from gridvm.host.rates import parse_rate
 from gridvm.host.vm import Vm
 from gridvm.paths import Home
-from gridvm.qemu.argv import drive_id
 from gridvm.store.records import DomainRecord
 
 log = logging.getLogger("gridvm.resources")
@@ -172,8 +171,8 @@ class Resources:
 
     async def block_throttle(self, vm: Vm, index: int, limits: dict[str, int]) -> None:
         """Set a disk's limits (all six; 0 = unlimited) through QEMU's block throttling."""
-        args: dict[str, Any] = {"device": drive_id(index), **dict.fromkeys(THROTTLE_KEYS, 0),
-                                **limits}
+        vdev = vm.rec.config.disks[index].vdev   # by device id: hot-plugged disks too
+        args: dict[str, Any] = {"id": vdev, **dict.fromkeys(THROTTLE_KEYS, 0), **limits}
         await vm.monitor.execute("block_set_io_throttle", args)
 
     async def vif_rate(self, vm: Vm, index: int, rate: str | None) -> None:

@@ -26,6 +26,7 @@ from gridvm.errors import GridvmError
 
 CHANNEL = "org.qemu.guest_agent.0"
 CHARDEV_ID = "qga0"
+SERIAL_ID = "vser0"
 SOCKET_NAME = "qga.sock"
 SENTINEL = b"\xff"
 MAX_LINE = 64 << 20
@@ -245,11 +246,12 @@ class GuestAgent:
         return "frozen" if status == "frozen" else "thawed"
 
 
-def chardev_args(rundir: Path) -> list[str]:
-    """QEMU arguments for the agent channel (a virtio-serial port on its own controller)."""
+def chardev_args(rundir: Path, addr: str | None = None) -> list[str]:
+    """QEMU arguments for the agent channel (a virtio-serial port on its own controller,
+    at PCI address `addr` if given)."""
     path = str(rundir / SOCKET_NAME).replace(",", ",,")
     return [
         "-chardev", f"socket,id={CHARDEV_ID},path={path},server=on,wait=off",
-        "-device", "virtio-serial-pci,id=vser0",
+        "-device", f"virtio-serial-pci,id={SERIAL_ID}" + (f",addr={addr}" if addr else ""),
         "-device", f"virtserialport,bus=vser0.0,chardev={CHARDEV_ID},name={CHANNEL}",
     ]
