@@ -19,6 +19,7 @@ from gridvm.api.client import AppClient
 from gridvm.api.console import console_routes
 from gridvm.api.limits import BodyLimit
 from gridvm.api.routes_cluster import ClusterRouter, cluster_routes
+from gridvm.api.routes_devices import device_routes
 from gridvm.api.routes_guest import guest_routes
 from gridvm.api.routes_migration import migration_routes, migration_service
 from gridvm.api.routes_network import network_router
@@ -30,6 +31,7 @@ from gridvm.cluster.evacuation import Evacuations
 from gridvm.cluster.node import ClusterNode
 from gridvm.config.model import DomainConfig, Path_
 from gridvm.errors import ConfigError, Conflict, GridvmError, NotFound, QemuError, ResourceError
+from gridvm.host.devices import Devices
 from gridvm.host.manager import HostManager
 
 log = logging.getLogger("gridvm.api")
@@ -149,6 +151,7 @@ def make_app(manager: HostManager, cluster_node: ClusterNode | None = None) -> F
     app.include_router(resource_routes(m))
     app.include_router(stats_routes(m))
     app.include_router(guest_routes(m))
+    app.include_router(device_routes(m, Devices(m)))
     app.include_router(migration_routes(migrations, node.url_of))
     tasks, tokens, inproc = Tasks(m.home), TokenStore.of(m.home), AppClient(app)
     app.state.tasks, app.state.tokens = tasks, tokens

@@ -14,6 +14,7 @@ from rich.table import Table
 from gridvm.api.client import Client, q
 from gridvm.cli.clone import register as register_clone_verbs
 from gridvm.cli.cluster import cluster_app, host_app
+from gridvm.cli.devices import register as register_device_verbs
 from gridvm.cli.guest import register as register_guest_verbs
 from gridvm.cli.image import image_app
 from gridvm.cli.lab import lab_app
@@ -34,6 +35,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 app.add_typer(image_app, name="image")
 register_resource_verbs(app)
 register_guest_verbs(app)
+register_device_verbs(app)
 register_clone_verbs(app, image_app)
 app.command("top")(top)
 app.command("migrate")(migrate)

@@ -21,8 +21,9 @@ from gridvm import __version__
 from gridvm.config.macs import assign_macs
 from gridvm.config.model import DomainConfig, Sched, VifSpec, check_name
 from gridvm.errors import ConfigError, Conflict, GridvmError, NotFound, QemuError
-from gridvm.host import hostinfo, links, procs, savefile
+from gridvm.host import hostinfo, links, procs, savefile, vnc
 from gridvm.host.boot import BootLoader, NoBootLoader, uses_bootloader, with_placeholder_kernel
+from gridvm.host.devices import live_taps
 from gridvm.host.guest import Guests
 from gridvm.host.resources import Resources, validate_sched, vif_index
 from gridvm.host.stats import Sampler
@@ -145,7 +146,7 @@ class HostManager:
         except QemuError as exc:
             log.error("%s: cannot re-adopt: %s", rec.name, exc)
             return
-        rec.taps = qemu_taps(procs.cmdline(pid))  # the running QEMU is the truth
+        rec.taps = await live_taps(monitor, rec.config, qemu_taps(procs.cmdline(pid)))
         vm = Vm(rec, pid, rundir, monitor, self.home.tag)
         self.vms[rec.uuid] = vm
         await self.res.adopt(vm)
@@ -266,6 +267,7 @@ class HostManager:
                 raise Conflict(f"domain {cfg.name}: disk {d.vdev} is the read-only template "
                                f"{template}; boot a clone (gridvm clone {template} NAME)")
         hostinfo.check_memory(cfg.memory)
+        vnc.check_display(cfg)
 
     async def _launch(self, rec: DomainRecord, *, paused: bool = False,
                       incoming: bool = False) -> Vm:

@@ -13,7 +13,7 @@ from typing import Any
 
 from gridvm.config.model import DomainConfig
 from gridvm.errors import ConfigError, GridvmError, NotFound
-from gridvm.host import shaping
+from gridvm.host import shaping, vnc
 from gridvm.host.cgroups import CgroupManager
 from gridvm.host.cpulist import format_cpulist, parse_cpulist
 from gridvm.host.rates import parse_rate
@@ -76,6 +76,7 @@ class Resources:
                 await asyncio.to_thread(shaping.set_rate, tap, parse_rate(vif.rate))
         if cfg.memory < cfg.max_memory:
             await self.balloon(vm, cfg.memory)
+        await vnc.apply(vm)
 
     async def adopt(self, vm: Vm) -> None:
         """A re-adopted QEMU: make sure it sits in its cgroup with its weight and cap (a

@@ -185,10 +185,14 @@ IDE_SLOTS = {"a": (0, 0), "b": (0, 1), "c": (1, 0), "d": (1, 1)}
 
 @dataclass(frozen=True)
 class Disk:
+    """One disk; a virtio one gets `queues` queues (QEMU's default is one per boot vCPU,
+    which would differ between a domain and its restored copy after vcpu-set)."""
+
     index: int
     spec: DiskSpec
     hvm: bool
     slot: int | None = None
+    queues: int = 1
 
     @property
     def node(self) -> str:
@@ -211,7 +215,8 @@ class Disk:
         if extra:
             drive += "," + extra
         if is_virtio_disk(s, self.hvm):
-            dev = _opts("virtio-blk-pci", drive=self.node, id=s.vdev, addr=_addr(self.slot))
+            dev = _opts("virtio-blk-pci", drive=self.node, id=s.vdev, serial=s.vdev,
+                        num_queues=self.queues, addr=_addr(self.slot))
         else:
             bus, unit = self._ide_slot()
             kind = "ide-cd" if s.devtype == "cdrom" else "ide-hd"
@@ -340,7 +345,7 @@ def devices(cfg: DomainConfig, *, accel: str, rundir: Path, taps: list[str],
     oem = oem_strings(cfg)
     if oem:
         devs.append(OemStrings(oem))
-    devs += [Disk(i, d, hvm, at.get(d.vdev)) for i, d in enumerate(cfg.disks)]
+    devs += [Disk(i, d, hvm, at.get(d.vdev), cfg.max_vcpus) for i, d in enumerate(cfg.disks)]
     devs += [Nic(i, v, taps[i], hvm, at.get(f"nic{i}")) for i, v in enumerate(cfg.vifs)]
     if cfg.display.vnc:
         devs.append(Vnc(cfg.display))

@@ -241,6 +241,14 @@ class GuestAgent:
     async def fsthaw(self) -> int:
         return int(await self.call("guest-fsfreeze-thaw", timeout=max(self.timeout, 60)))
 
+    async def online_vcpus(self) -> int:
+        """Bring every offline vCPU the guest can see online; how many it brought up."""
+        offline = [{"logical-id": c["logical-id"], "online": True}
+                   for c in await self.call("guest-get-vcpus") if not c.get("online")]
+        if not offline:
+            return 0
+        return int(await self.call("guest-set-vcpus", {"vcpus": offline}))
+
     async def fsfreeze_status(self) -> FreezeStatus:
         status = str(await self.call("guest-fsfreeze-status"))
         return "frozen" if status == "frozen" else "thawed"
