@@ -27,6 +27,7 @@ from gridvm.api.routes_resources import resource_routes
 from gridvm.api.routes_stats import stats_routes
 from gridvm.api.tasks import TaskRequest, Tasks, task_routes
 from gridvm.api.tokens import TokenStore, token_routes
+from gridvm.api.vnc import vnc_routes
 from gridvm.cluster.evacuation import Evacuations
 from gridvm.cluster.node import ClusterNode
 from gridvm.config.model import DomainConfig, Path_
@@ -147,6 +148,7 @@ def make_app(manager: HostManager, cluster_node: ClusterNode | None = None) -> F
     app.add_middleware(BodyLimit)           # outermost: before any handler reads a body
     app.include_router(cluster_routes(node, evacuations))
     app.include_router(console_routes(manager, node))
+    app.include_router(vnc_routes(manager, node))
     m = manager
     app.include_router(resource_routes(m))
     app.include_router(stats_routes(m))

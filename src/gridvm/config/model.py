@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import uuid as uuidlib
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -341,6 +341,13 @@ class DomainConfig(Strict):
     @property
     def max_vcpus(self) -> int:
         return max(self.maxvcpus or self.vcpus, self.vcpus)
+
+    def public(self) -> dict[str, Any]:
+        """The config as JSON for views and listings: the VNC password masked."""
+        data = self.model_dump(mode="json")
+        if self.display.password:
+            data["display"]["password"] = "********"
+        return data
 
     @property
     def max_memory(self) -> int:

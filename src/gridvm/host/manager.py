@@ -736,7 +736,7 @@ class HostManager:
             ],
             "disks": [d.model_dump() for d in cfg.disks],
             "shutdown_reason": rec.shutdown_reason,
-            "config": cfg.model_dump(mode="json"),
+            "config": cfg.public(),
         }
 
     def info(self) -> dict[str, Any]:
