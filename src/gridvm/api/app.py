@@ -24,6 +24,7 @@ from gridvm.api.routes_guest import guest_routes
 from gridvm.api.routes_migration import migration_routes, migration_service
 from gridvm.api.routes_network import network_router
 from gridvm.api.routes_resources import resource_routes
+from gridvm.api.routes_snapshots import snapshot_routes
 from gridvm.api.routes_stats import stats_routes
 from gridvm.api.tasks import TaskRequest, Tasks, task_routes
 from gridvm.api.tokens import TokenStore, token_routes
@@ -34,6 +35,7 @@ from gridvm.config.model import DomainConfig, Path_
 from gridvm.errors import ConfigError, Conflict, GridvmError, NotFound, QemuError, ResourceError
 from gridvm.host.devices import Devices
 from gridvm.host.manager import HostManager
+from gridvm.host.snapshots import Snapshots
 
 log = logging.getLogger("gridvm.api")
 
@@ -154,6 +156,7 @@ def make_app(manager: HostManager, cluster_node: ClusterNode | None = None) -> F
     app.include_router(stats_routes(m))
     app.include_router(guest_routes(m))
     app.include_router(device_routes(m, Devices(m)))
+    app.include_router(snapshot_routes(Snapshots(m)))
     app.include_router(migration_routes(migrations, node.url_of))
     tasks, tokens, inproc = Tasks(m.home), TokenStore.of(m.home), AppClient(app)
     app.state.tasks, app.state.tokens = tasks, tokens

@@ -22,6 +22,7 @@ from gridvm.cli.migrate import migrate
 from gridvm.cli.network import network_app
 from gridvm.cli.resources import register as register_resource_verbs
 from gridvm.cli.service import service_app
+from gridvm.cli.snapshot import snapshot_app
 from gridvm.cli.target import connect, lab_host
 from gridvm.cli.task import task_app
 from gridvm.cli.top import top
@@ -45,6 +46,7 @@ app.add_typer(cluster_app, name="cluster")
 app.add_typer(host_app, name="host")
 app.add_typer(service_app, name="service")
 app.add_typer(task_app, name="task")
+app.add_typer(snapshot_app, name="snapshot")
 app.add_typer(web_app, name="web")
 
 out = Console()

@@ -34,7 +34,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from gridvm.config.model import DomainConfig, Path_
 from gridvm.errors import Conflict, GridvmError, NotFound, PeerUnreachable, QemuError
-from gridvm.host import hostinfo, links, procs
+from gridvm.host import hostinfo, links, procs, snapshots
 from gridvm.host.manager import HostManager
 from gridvm.host.vm import Vm
 from gridvm.qemu.argv import drive_id
@@ -301,6 +301,9 @@ class Migrations:
         async with self.m.operation(ref, "migrate") as vm:
             if vm.rec.state in ("shutdown", "crashed"):
                 raise Conflict(f"domain {vm.name} is {vm.rec.state}; destroy or restart it first")
+            if opts.copy_storage and snapshots.count(vm.rec.config, self.m.home.root):
+                raise Conflict(f"domain {vm.name} has snapshots, which --copy-storage would "
+                               "lose (it copies only the disks' current state)")
             job = Job(uuidlib.uuid4().hex[:12], vm.name, vm.rec.uuid, target, opts)
             vm.busy = f"migrating to {target}"
             vm.expected_exit = True    # a QEMU exit is judged by the migration, not on_crash
