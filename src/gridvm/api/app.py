@@ -18,6 +18,7 @@ from gridvm.api import actions
 from gridvm.api.client import AppClient
 from gridvm.api.console import console_routes
 from gridvm.api.limits import BodyLimit
+from gridvm.api.routes_backups import backup_routes
 from gridvm.api.routes_cluster import ClusterRouter, cluster_routes
 from gridvm.api.routes_devices import device_routes
 from gridvm.api.routes_guest import guest_routes
@@ -33,8 +34,10 @@ from gridvm.cluster.evacuation import Evacuations
 from gridvm.cluster.node import ClusterNode
 from gridvm.config.model import DomainConfig, Path_
 from gridvm.errors import ConfigError, Conflict, GridvmError, NotFound, QemuError, ResourceError
+from gridvm.host.backup import Backups
 from gridvm.host.devices import Devices
 from gridvm.host.manager import HostManager
+from gridvm.host.restore import BackupStores
 from gridvm.host.snapshots import Snapshots
 
 log = logging.getLogger("gridvm.api")
@@ -157,6 +160,7 @@ def make_app(manager: HostManager, cluster_node: ClusterNode | None = None) -> F
     app.include_router(guest_routes(m))
     app.include_router(device_routes(m, Devices(m)))
     app.include_router(snapshot_routes(Snapshots(m)))
+    app.include_router(backup_routes(Backups(m), BackupStores(m)))
     app.include_router(migration_routes(migrations, node.url_of))
     tasks, tokens, inproc = Tasks(m.home), TokenStore.of(m.home), AppClient(app)
     app.state.tasks, app.state.tokens = tasks, tokens

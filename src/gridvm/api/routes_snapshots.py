@@ -21,7 +21,7 @@ def snapshot_routes(snaps: Snapshots) -> APIRouter:
 
     @r.get("")
     async def listing(ref: str) -> dict[str, Any]:
-        return snaps.list(ref)
+        return snaps.tree(ref)
 
     @r.post("")
     async def create(ref: str, req: CreateSnapshot) -> dict[str, Any]:

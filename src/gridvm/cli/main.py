@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gridvm.api.client import Client, q
+from gridvm.cli.backup import backup
 from gridvm.cli.clone import register as register_clone_verbs
 from gridvm.cli.cluster import cluster_app, host_app
 from gridvm.cli.devices import register as register_device_verbs
@@ -40,6 +41,7 @@ register_device_verbs(app)
 register_clone_verbs(app, image_app)
 app.command("top")(top)
 app.command("migrate")(migrate)
+app.command("backup")(backup)
 app.add_typer(network_app, name="network")
 app.add_typer(lab_app, name="lab")
 app.add_typer(cluster_app, name="cluster")

@@ -252,7 +252,7 @@ class Snapshots:
 
     # ----- list ---------------------------------------------------------------------------
 
-    def list(self, ref: str) -> dict[str, Any]:
+    def tree(self, ref: str) -> dict[str, Any]:
         rec = self.m.lookup(ref)
         _, tree = self._tree(rec.config)
         rows = []
