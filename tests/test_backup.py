@@ -45,6 +45,10 @@ def disk(out: dict[str, Any], vdev: str) -> dict[str, Any]:
     return found
 
 
+def files(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_size for p in root.rglob("*") if p.is_file()}
+
+
 @contextlib.contextmanager
 def tmpfs(path: Path, size: str, *, ro: bool = False) -> Iterator[Path]:
     path.mkdir(parents=True, exist_ok=True)
@@ -131,7 +135,8 @@ def test_bitmaps_survive_a_clean_restart_elsewhere_but_not_a_crash(
     data = shared / "bk2.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(data), "256M"], check=True)
     store = shared / "store"
-    extra = f"disk = ['tap:qcow2:{data},xvda,w']\non_crash = 'destroy'"
+    extra = (f"disk = ['tap:qcow2:{data},xvda,w']\non_crash = 'destroy'\n"
+             "uuid = '6a0f6bd4-54a1-4a4f-9d6e-2c0d8f2a7b11'")     # HA keeps the UUID
     cfg, ip = host.write_cfg("bk2", extra=extra)
     host.gridvm("create", str(cfg))
     host.wait_http(ip)
@@ -145,15 +150,26 @@ def test_bitmaps_survive_a_clean_restart_elsewhere_but_not_a_crash(
         other.gridvm("create", str(cfg2))
         other.wait_http(ip2)
         moved = backup(other, "bk2", store)
-        assert moved["mode"] == "incremental" and disk(moved, "xvda")["read"] == 4 * MIB
-        pid = json.loads(other.gridvm("list", "bk2", "--json").stdout)[0]["pid"]
-        os.kill(pid, 9)                   # the host "fails": the bitmap stays marked in use
-        deadline = time.monotonic() + 30
-        while [d for d in other.domains() if d["name"] == "bk2"]:
-            assert time.monotonic() < deadline, "gridvmd did not notice QEMU's death"
-            time.sleep(0.1)
+        assert moved["mode"] == "incremental", disk(moved, "xvda")["reason"]
+        assert disk(moved, "xvda")["read"] == 4 * MIB
+        boot = other.http(ip2, "/bootid")         # a guest reboot keeps the bitmap
+        other.gridvm("reboot", "-w", "bk2", "--timeout", "60")
+        other.wait_new_boot(ip2, boot)
+        other.http(ip2, "/fill?mb=1", timeout=60)
+        rebooted = backup(other, "bk2", store)
+        assert rebooted["mode"] == "incremental" and disk(rebooted, "xvda")["read"] == 4 * MIB
+        other.gridvm("destroy", "bk2")
 
-    host.gridvm("create", str(cfg))       # restarted on the first host (HA would)
+    host.gridvm("create", str(cfg))       # back on the first host, where it crashes
+    host.wait_http(ip)
+    host.http(ip, "/fill?mb=1", timeout=60)
+    pid = json.loads(host.gridvm("list", "bk2", "--json").stdout)[0]["pid"]
+    os.kill(pid, 9)                       # the bitmap in the image stays marked in use
+    deadline = time.monotonic() + 30
+    while [d for d in host.domains() if d["name"] == "bk2"]:
+        assert time.monotonic() < deadline, "gridvmd did not notice QEMU's death"
+        time.sleep(0.1)
+    host.gridvm("create", str(cfg))       # restarted (as HA would)
     host.wait_http(ip)
     after = backup(host, "bk2", store)
     assert after["mode"] == "full"
@@ -176,15 +192,13 @@ def test_full_or_readonly_store_fails_cleanly_and_loses_nothing(host: HostEnv,
     with tmpfs(tmp_path / "small", "12M") as small:
         store = small / "store"
         first = backup(host, "bk3", store)
-        used = subprocess.run(["du", "-sb", str(store)], capture_output=True, text=True,
-                              check=True).stdout.split()[0]
+        before = files(store)
         host.http(ip, "/fill?mb=16", timeout=60)
         proc = host.gridvm("backup", "bk3", "--to", str(store), check=False)
         assert proc.returncode == 1
         assert proc.stderr.strip() == f"gridvm: error: backup store {store} is full (no space " \
                                       "left on device)"
-        assert subprocess.run(["du", "-sb", str(store)], capture_output=True, text=True,
-                              check=True).stdout.split()[0] == used, "the failed backup left nothing"
+        assert files(store) == before, "the failed backup left nothing behind"
         listing = json.loads(host.gridvm("backup", "list", str(store), "--json").stdout)
         assert [b["id"] for b in listing["backups"]] == [first["id"]]
         subprocess.run(["mount", "-o", "remount,size=48M", str(small)], check=True)

@@ -111,8 +111,9 @@ def plan_disk(spec: DiskSpec, size: int, bitmaps: list[dict[str, Any]], store: C
         plan.reason = f"{spec.vdev} is read-only: no dirty bitmap (unchanged chunks are " \
                       "deduplicated)"
     elif found is None:
-        plan.reason = (f"{spec.vdev} has no dirty bitmap since backup {last['id']} (reverted "
-                       "to a snapshot, converted, copied to another host, or never there)")
+        plan.reason = (f"{spec.vdev} has no dirty bitmap since backup {last['id']}: its QEMU "
+                       "stopped without ever writing it to the image (a crash or a host "
+                       "failure), or the disk was reverted to a snapshot, converted or copied")
     elif found.get("inconsistent"):
         plan.reason = (f"the dirty bitmap of {spec.vdev} since backup {last['id']} cannot be "
                        "trusted: its QEMU did not close the disk cleanly (a crash or a host "

@@ -122,6 +122,8 @@ class ChunkStore:
         try:
             for d in (root, store.chunks, store.backups):
                 d.mkdir(parents=True, exist_ok=True)
+            for i in range(256):             # every fan-out directory, made once
+                (store.chunks / f"{i:02x}").mkdir(exist_ok=True)
             _write_atomic(marker, json.dumps({"format": FORMAT, "chunk_size": CHUNK,
                                               "id": secrets.token_hex(8),
                                               "created": time.time()}).encode())
