@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
+from pathlib import Path
 
 import pytest
 from hostlab import HostEnv
@@ -46,7 +47,7 @@ def test_hvm_guest_screen_over_vnc_and_websocket(host: HostEnv) -> None:
 
     # the password is set over QMP, never on the command line; VNC listens on loopback only
     pid = json.loads(host.gridvm("list", "vnc1", "--json").stdout)[0]["pid"]
-    argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     assert not any(PASSWORD.encode() in a for a in argv)
     assert b"-vga" in argv and argv[argv.index(b"-vga") + 1] == b"std"
     listening = subprocess.run(["ip", "netns", "exec", host.ns, "ss", "-ltnH"],
