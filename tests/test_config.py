@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from gridvm.config.macs import XEN_OUI, assign_macs, generate_mac
-from gridvm.config.model import DomainConfig, VifSpec
+from gridvm.config.model import DisplayParams, DomainConfig, VifSpec
 from gridvm.config.safeeval import Limits, evaluate
 from gridvm.config.xmfile import (
     IGNORED_KEYS,
@@ -146,6 +146,8 @@ EXAMPLES = [
         "ha.ha_group": "web",
         "ha.hosts": ["node1", "node2"],
         "actions.on_crash": "destroy",
+        "display.vnc": True,
+        "display.listen": "0.0.0.0",
     }),
     ("hvm.xl", None, "xl", {
         "name": "example.hvm",
@@ -159,6 +161,7 @@ EXAMPLES = [
         "vifs": [VifSpec(bridge="xenbr0", model="e1000")],
         "boot": "dc",
         "actions.on_crash": "destroy",
+        "display": DisplayParams(vnc=True, display=3, unused=False, vga="std"),
     }),
 ]
 
@@ -176,28 +179,25 @@ def test_example_configs(filename: str, variables: dict[str, str] | None, fmt: s
 
 
 def test_example_warnings() -> None:
-    display = "there is no graphical console (gridvm console gives the serial one)"
+    display = "there is no local display: use vnc = 1"
     ex1 = CONFIGS / "xmexample1"
-    assert load_config(ex1).warnings == [f"{ex1}:81: vfb ignored: {display}"]
+    assert load_config(ex1).warnings == []
+    assert load_config(ex1).config.display == DisplayParams(vnc=True, unused=True)
     ex2 = CONFIGS / "xmexample2"
     assert load_config(ex2, {"vmid": "1"}).warnings == []
     hvm = CONFIGS / "xmexample.hvm"
     assert load_config(hvm).warnings == [
         f"{hvm}:104: device_model ignored: gridvm runs and configures QEMU itself",
         f"{hvm}:122: opengl ignored: {display}",
-        f"{hvm}:126: vnc ignored: {display}",
     ]
+    assert load_config(hvm).config.display == DisplayParams(vnc=True, vga="cirrus")
     web = load_config(CONFIGS / "web.cfg").warnings
     assert [w for w in web if "on_watchdog" in w] == [
         f"{CONFIGS / 'web.cfg'}:32: on_watchdog ignored: this action is not supported"
     ]
     xl = CONFIGS / "hvm.xl"
-    display = "there is no graphical console (gridvm console gives the serial one)"
     assert load_config(xl).warnings == [
         f"{xl}:21: empty CD-ROM drive hdd left out (no media)",
-        f"{xl}:30: vnc ignored: {display}",
-        f"{xl}:31: vncdisplay ignored: {display}",
-        f"{xl}:32: stdvga ignored: {display}",
     ]
 
 

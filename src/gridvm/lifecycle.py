@@ -127,6 +127,15 @@ VERBS: dict[str, frozenset[DomainState]] = {
     "rename": RESIDENT | {S.SHUTOFF},
     "sched-credit": RESIDENT | {S.SHUTOFF},
     "mem-max": RESIDENT | {S.SHUTOFF},
+    "snapshot": LIVE,
+    "revert": RESIDENT,
+    "snapshot-delete": RESIDENT,
+    "backup": LIVE,
+    "block-attach": LIVE,
+    "block-detach": LIVE,
+    "network-attach": LIVE,
+    "network-detach": LIVE,
+    "vcpu-set": LIVE,
 }
 
 

@@ -18,19 +18,27 @@ from gridvm.api import actions
 from gridvm.api.client import AppClient
 from gridvm.api.console import console_routes
 from gridvm.api.limits import BodyLimit
+from gridvm.api.routes_backups import backup_routes
 from gridvm.api.routes_cluster import ClusterRouter, cluster_routes
+from gridvm.api.routes_devices import device_routes
 from gridvm.api.routes_guest import guest_routes
 from gridvm.api.routes_migration import migration_routes, migration_service
 from gridvm.api.routes_network import network_router
 from gridvm.api.routes_resources import resource_routes
+from gridvm.api.routes_snapshots import snapshot_routes
 from gridvm.api.routes_stats import stats_routes
 from gridvm.api.tasks import TaskRequest, Tasks, task_routes
 from gridvm.api.tokens import TokenStore, token_routes
+from gridvm.api.vnc import vnc_routes
 from gridvm.cluster.evacuation import Evacuations
 from gridvm.cluster.node import ClusterNode
 from gridvm.config.model import DomainConfig, Path_
 from gridvm.errors import ConfigError, Conflict, GridvmError, NotFound, QemuError, ResourceError
+from gridvm.host.backup import Backups
+from gridvm.host.devices import Devices
 from gridvm.host.manager import HostManager
+from gridvm.host.restore import BackupStores
+from gridvm.host.snapshots import Snapshots
 
 log = logging.getLogger("gridvm.api")
 
@@ -145,10 +153,14 @@ def make_app(manager: HostManager, cluster_node: ClusterNode | None = None) -> F
     app.add_middleware(BodyLimit)           # outermost: before any handler reads a body
     app.include_router(cluster_routes(node, evacuations))
     app.include_router(console_routes(manager, node))
+    app.include_router(vnc_routes(manager, node))
     m = manager
     app.include_router(resource_routes(m))
     app.include_router(stats_routes(m))
     app.include_router(guest_routes(m))
+    app.include_router(device_routes(m, Devices(m)))
+    app.include_router(snapshot_routes(Snapshots(m)))
+    app.include_router(backup_routes(Backups(m), BackupStores(m)))
     app.include_router(migration_routes(migrations, node.url_of))
     tasks, tokens, inproc = Tasks(m.home), TokenStore.of(m.home), AppClient(app)
     app.state.tasks, app.state.tokens = tasks, tokens

@@ -89,7 +89,7 @@ async def open_console(manager: HostManager, node: ClusterNode, ref: str) -> Con
     except NotFound:
         if not node.joined:
             raise
-        return await _remote(manager, node, ref)
+        return await remote_stream(manager, node, ref)
     try:
         reader, writer = await asyncio.wait_for(
             asyncio.open_unix_connection(str(vm.serial_socket)), OPEN_TIMEOUT_S)
@@ -98,13 +98,16 @@ async def open_console(manager: HostManager, node: ClusterNode, ref: str) -> Con
     return SerialSocket(reader, writer)
 
 
-async def _remote(manager: HostManager, node: ClusterNode, ref: str) -> ConsoleStream:
+async def remote_stream(manager: HostManager, node: ClusterNode, ref: str,
+                  stream: str = STREAM) -> ConsoleStream:
+    """The websocket `stream` (a path with {ref}) of the host of the cluster that runs
+    domain `ref`, over mutual TLS."""
     cfg, cluster = node.need()
     rec = await asyncio.to_thread(cluster.find_domain, ref)
     if rec is None or rec.get("host") in (None, cfg.host):
         raise NotFound(f"domain {ref!r} does not exist")
     url = await asyncio.to_thread(node.url_of, str(rec["host"]))
-    uri = "wss://" + url.removeprefix("https://") + STREAM.format(
+    uri = "wss://" + url.removeprefix("https://") + stream.format(
         ref=urllib.parse.quote(str(rec["uuid"]), safe=""))
     tls = Files(manager.home).identity.client_context()
     try:

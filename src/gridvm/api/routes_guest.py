@@ -6,14 +6,14 @@ import base64
 from typing import Any, Literal
 
 from fastapi import APIRouter
-from pydantic import BaseModel, Field
+from pydantic import Base64Bytes, BaseModel, Field
 
 from gridvm.host.manager import HostManager
 
 
 class ExecRequest(BaseModel):
-    argv: list[str] = Field(min_length=1)
-    input: str | None = Field(default=None, description="stdin, base64")
+    argv: list[str] = Field(min_length=1, max_length=1024)
+    input: Base64Bytes | None = Field(default=None, description="stdin, base64")
     timeout: float = Field(default=60, gt=0, le=3600)
 
 
@@ -26,8 +26,7 @@ def guest_routes(m: HostManager) -> APIRouter:
 
     @r.post("/domains/{ref}/guest-exec")
     async def guest_exec(ref: str, req: ExecRequest) -> dict[str, Any]:
-        data = base64.b64decode(req.input) if req.input is not None else None
-        res = await m.guests.exec(ref, req.argv, input=data, timeout=req.timeout)
+        res = await m.guests.exec(ref, req.argv, input=req.input, timeout=req.timeout)
         return {"exitcode": res.exitcode, "signal": res.signal,
                 "returncode": res.returncode, "truncated": res.truncated,
                 "stdout": base64.b64encode(res.stdout).decode(),

@@ -12,9 +12,11 @@ from rich.console import Console
 from rich.table import Table
 
 from gridvm.api.client import Client, q
+from gridvm.cli.backup import backup
 from gridvm.cli.clone import register as register_clone_verbs
 from gridvm.cli.cluster import cluster_app, host_app
 from gridvm.cli.db import db_app
+from gridvm.cli.devices import register as register_device_verbs
 from gridvm.cli.guest import register as register_guest_verbs
 from gridvm.cli.image import image_app
 from gridvm.cli.lab import lab_app
@@ -22,6 +24,7 @@ from gridvm.cli.migrate import migrate
 from gridvm.cli.network import network_app
 from gridvm.cli.resources import register as register_resource_verbs
 from gridvm.cli.service import service_app
+from gridvm.cli.snapshot import snapshot_app
 from gridvm.cli.target import connect, lab_host
 from gridvm.cli.task import task_app
 from gridvm.cli.top import top
@@ -35,9 +38,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 app.add_typer(image_app, name="image")
 register_resource_verbs(app)
 register_guest_verbs(app)
+register_device_verbs(app)
 register_clone_verbs(app, image_app)
 app.command("top")(top)
 app.command("migrate")(migrate)
+app.command("backup")(backup)
 app.add_typer(network_app, name="network")
 app.add_typer(lab_app, name="lab")
 app.add_typer(cluster_app, name="cluster")
@@ -45,6 +50,7 @@ app.add_typer(host_app, name="host")
 app.add_typer(service_app, name="service")
 app.add_typer(db_app, name="db")
 app.add_typer(task_app, name="task")
+app.add_typer(snapshot_app, name="snapshot")
 app.add_typer(web_app, name="web")
 
 out = Console()

@@ -23,7 +23,7 @@ from gridvm.cluster import enroll, etcdproc
 from gridvm.cluster.core import Cluster
 from gridvm.cluster.etcd import Etcd, EtcdError
 from gridvm.cluster.pki import Ca, Identity, PkiError, make_csr, spki_hash
-from gridvm.cluster.settings import Files
+from gridvm.cluster.settings import EtcdUrls, Files
 from gridvm.config.model import HostRef, Text
 from gridvm.errors import ConfigError, Conflict, GridvmError, PeerUnreachable
 from gridvm.netaddr import host_port, parse_hostport
@@ -48,7 +48,7 @@ class Settings(BaseModel):
 
 class InitRequest(Settings):
     cluster: HostRef = "gridvm"                  # the cluster's name
-    etcd: str | None = None                      # an external etcd's URLs (else: our own)
+    etcd: EtcdUrls | None = None                 # an external etcd's URLs (else: our own)
     ca_cert: str | None = Field(default=None, max_length=8192)   # an existing CA (PEM)
     ca_key: str | None = Field(default=None, max_length=8192)
 
@@ -57,7 +57,7 @@ class JoinRequest(Settings):
     server: str | None = Field(default=None, max_length=300)   # a member's ADDR[:PORT]
     token: str | None = Field(default=None, max_length=64)
     ca_hash: str | None = Field(default=None, pattern=r"^sha256:[0-9a-f]{64}$")
-    etcd: str | None = None          # with a certificate given beforehand: etcd's URLs
+    etcd: EtcdUrls | None = None     # with a certificate given beforehand: etcd's URLs
     etcd_member: bool = False        # also run an etcd member on this host
     witness: bool = False            # only an etcd member (no gridvmd duties)
 

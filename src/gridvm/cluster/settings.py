@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import urllib.parse
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import AfterValidator, BaseModel, Field
 
 from gridvm.cluster.etcd import Etcd
 from gridvm.cluster.pki import Identity
@@ -22,8 +23,19 @@ from gridvm.config.model import HostRef, Text
 from gridvm.paths import Home
 
 
+def _etcd_urls(v: str) -> str:
+    if not v.strip(","):
+        raise ValueError("no etcd URL given")
+    for one in v.split(","):
+        check_url(one, "etcd", "https://10.0.0.3:2379")
+    return v
+
+
+EtcdUrls = Annotated[str, AfterValidator(_etcd_urls)]
+
+
 class ClusterConfig(BaseModel):
-    etcd: str                                    # e.g. https://10.77.0.3:2379[,https://…]
+    etcd: EtcdUrls                               # e.g. https://10.77.0.3:2379[,https://…]
     host: HostRef                                # this host's name in the cluster
     ttl: int = Field(default=5, ge=2, le=60)     # host lease TTL, seconds
     vip_ttl: int = Field(default=1, ge=1, le=60)  # a VIP election's lease TTL (etcd raises
@@ -33,14 +45,6 @@ class ClusterConfig(BaseModel):
     cpu_ratio: float = Field(default=4.0, gt=0)  # vCPU overcommit for placement
     fence_command: Text | None = None            # run as `CMD HOST` before restarting
 
-    @field_validator("etcd")
-    @classmethod
-    def _etcd(cls, v: str) -> str:
-        if not v.strip(","):
-            raise ValueError("no etcd URL given")
-        for one in v.split(","):
-            check_url(one, "etcd", "https://10.0.0.3:2379")
-        return v
 
 
 def check_url(v: str, what: str, example: str) -> str:

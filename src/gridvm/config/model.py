@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import uuid as uuidlib
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -45,6 +45,9 @@ MAX_VIFS = 8
 MAX_PATH = 4096
 MAX_CMDLINE = 2048
 MAX_MIB = 16 * 1024 * 1024
+MAX_VCPUS = 64
+MAX_VNC_DISPLAY = 65535 - 5900
+PCI_SLOTS = (2, 31)            # i440fx: 0 host bridge, 1 PIIX3; the rest may be hot-plugged
 
 
 def _path(v: str) -> str:
@@ -116,6 +119,8 @@ class DiskSpec(Strict):
     iops: int | None = Field(default=None, ge=1, le=10**9)
     iops_rd: int | None = Field(default=None, ge=1, le=10**9)
     iops_wr: int | None = Field(default=None, ge=1, le=10**9)
+    slot: int | None = Field(default=None, ge=PCI_SLOTS[0], le=PCI_SLOTS[1], description=(
+        "PCI slot (virtio disks), recorded by hotplug so the guest keeps its addresses"))
 
     @field_validator("vdev")
     @classmethod
@@ -134,6 +139,8 @@ class VifSpec(Strict):
     model: str | None = None
     rate: str | None = Field(default=None, description="xm rate grammar, e.g. 10Mb/s@20ms")
     vifname: IfName | None = None
+    slot: int | None = Field(default=None, ge=PCI_SLOTS[0], le=PCI_SLOTS[1], description=(
+        "PCI slot, recorded by hotplug so the guest keeps its addresses"))
 
     @field_validator("mac")
     @classmethod
@@ -205,6 +212,37 @@ class NetParams(Strict):
         return _ip(v)
 
 
+def _vnc_password(v: str) -> str:
+    if not 1 <= len(v) <= 8 or not all(32 <= ord(c) < 127 for c in v):
+        raise ValueError("a VNC password is 1 to 8 printable ASCII characters")
+    return v
+
+
+class DisplayParams(Strict):
+    """The graphical console (xm/xl vnc, vnclisten, vncdisplay, vncunused, vncpasswd, vfb,
+    stdvga, vga): a VGA and QEMU's VNC server on `listen`:5900+display."""
+
+    vnc: bool = False
+    listen: IpAddr = "127.0.0.1"
+    display: int | None = Field(default=None, ge=0, le=MAX_VNC_DISPLAY,
+                                description="fixed display (port 5900+N); None: a free one")
+    unused: bool | None = Field(default=None, description="find a free display from "
+                                "`display` (or 0) up; default: unless a display is given")
+    password: Annotated[str, AfterValidator(_vnc_password)] | None = None
+    vga: Literal["std", "cirrus", "none"] | None = Field(
+        default=None, description="the emulated graphics card (std when vnc is on)")
+
+    @property
+    def search(self) -> bool:
+        """Whether QEMU looks for a free display rather than insisting on `display`."""
+        return self.unused if self.unused is not None else self.display is None
+
+    @property
+    def card(self) -> str:
+        """The VGA the guest gets: none unless asked for or needed by VNC."""
+        return self.vga or ("std" if self.vnc else "none")
+
+
 class HaParams(Strict):
     """Cluster placement and HA intent (used by the cluster layer)."""
 
@@ -227,7 +265,9 @@ class DomainConfig(Strict):
     memory: int = Field(default=128, ge=16, le=MAX_MIB, description="MiB at start")
     maxmem: int | None = Field(default=None, ge=16, le=MAX_MIB,
                                description="MiB ceiling for ballooning")
-    vcpus: int = Field(default=1, ge=1, le=64)
+    vcpus: int = Field(default=1, ge=1, le=MAX_VCPUS)
+    maxvcpus: int | None = Field(default=None, ge=1, le=MAX_VCPUS,
+                                 description="vCPUs vcpu-set may bring online (xl maxvcpus)")
     cpus: str | None = Field(default=None, description="Xen cpu list for pinning, e.g. 0-3,^1")
     kernel: Path_ | None = None
     ramdisk: Path_ | None = None
@@ -240,6 +280,7 @@ class DomainConfig(Strict):
     sched: Sched = Field(default_factory=Sched)
     net: NetParams = Field(default_factory=NetParams)
     ha: HaParams = Field(default_factory=HaParams)
+    display: DisplayParams = Field(default_factory=DisplayParams)
     serial: Text = "pty"
     boot: str = Field(default="c", pattern=r"^[acdn]{1,4}$")
     bootloader: Literal["pygrub"] | None = Field(
@@ -292,7 +333,25 @@ class DomainConfig(Strict):
         dup = next((m for m in macs if macs.count(m) > 1), None)
         if dup:
             raise ValueError(f"MAC {dup} used twice")
+        slots = [d.slot for d in self.disks if d.slot is not None]
+        slots += [v.slot for v in self.vifs if v.slot is not None]
+        twice = next((s for s in slots if slots.count(s) > 1), None)
+        if twice is not None:
+            raise ValueError(f"PCI slot {twice} used twice")
+        if self.maxvcpus is not None and self.maxvcpus < self.vcpus:
+            raise ValueError(f"vcpus {self.vcpus} is more than maxvcpus {self.maxvcpus}")
         return self
+
+    @property
+    def max_vcpus(self) -> int:
+        return max(self.maxvcpus or self.vcpus, self.vcpus)
+
+    def public(self) -> dict[str, Any]:
+        """The config as JSON for views and listings: the VNC password masked."""
+        data = self.model_dump(mode="json")
+        if self.display.password:
+            data["display"]["password"] = "********"
+        return data
 
     @property
     def max_memory(self) -> int:

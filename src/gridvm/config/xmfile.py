@@ -26,7 +26,8 @@ Variables (`gridvm create web.cfg vmid=3`) are names visible to the file (string
 Keys read: name uuid memory maxmem vcpus cpus builder type kernel ramdisk root extra cmdline
 disk vif ip netmask gateway hostname dhcp on_poweroff on_reboot on_crash restart (xm's
 deprecated onreboot/always/never) cpu_weight cpu_cap weight cap serial boot ha ha_priority
-ha_group hosts bootloader bootloader_args (bootargs) guest_vars; a PV-GRUB `kernel`
+ha_group hosts bootloader bootloader_args (bootargs) guest_vars, and (`gridvm.config.xmdisplay`)
+maxvcpus vnc vnclisten vncdisplay vncunused vncpasswd vfb stdvga vga; a PV-GRUB `kernel`
 (pv-grub-*.gz) becomes pygrub with `extra` as its menu.lst. `IGNORED_KEYS` are accepted silently
 (display, firmware and platform switches QEMU decides for itself); `UNSUPPORTED_KEYS` are
 ignored with a warning saying why. Any other key a file assigns and never reads gets the
@@ -45,6 +46,7 @@ from typing import Literal, NoReturn, TypeVar, get_args
 
 from pydantic import BaseModel, ValidationError
 
+from gridvm.config import xmdisplay
 from gridvm.config.bootargs import parse_boot_args
 from gridvm.config.model import (
     Action,
@@ -114,23 +116,24 @@ IGNORED_KEYS = frozenset({
 
 _NO_PASSTHROUGH = "device passthrough is not supported"
 _NO_DEVICE = "this device type is not supported"
-_NO_HOTPLUG = "vcpu hotplug is not supported: the domain gets 'vcpus' CPUs"
-_NO_DISPLAY = "there is no graphical console (gridvm console gives the serial one)"
+_NO_HOTPLUG = "use maxvcpus and gridvm vcpu-set"
+_NO_SPICE = "SPICE is not supported: use vnc = 1"
 _OWN_QEMU = "gridvm runs and configures QEMU itself"
 UNSUPPORTED_KEYS: Mapping[str, str] = {
+    **dict.fromkeys(("vncviewer", "vncconsole"),
+                    "no viewer is started: gridvm vnc-display DOM prints where to connect"),
+    **dict.fromkeys(("sdl", "opengl"), "there is no local display: use vnc = 1"),
+    "videoram": "QEMU sizes the graphics card's memory itself",
     **dict.fromkeys(
-        ("vfb", "vnc", "vncviewer", "vncconsole", "vnclisten", "vncdisplay", "vncunused",
-         "vncpasswd", "sdl", "opengl", "stdvga", "vga", "videoram", "spice", "spicehost",
-         "spiceport", "spicetls_port", "spicedisable_ticketing", "spicepasswd",
-         "spiceagent_mouse", "spicevdagent", "spice_clipboard_sharing", "spiceusbredirection"),
-        _NO_DISPLAY),
+        ("spice", "spicehost", "spiceport", "spicetls_port", "spicedisable_ticketing",
+         "spicepasswd", "spiceagent_mouse", "spicevdagent", "spice_clipboard_sharing",
+         "spiceusbredirection"), _NO_SPICE),
     **dict.fromkeys(("device_model", "device_model_version", "device_model_override",
                      "device_model_stubdomain_override"), _OWN_QEMU),
     **dict.fromkeys(
         ("pci", "ioports", "iomem", "irqs", "dtdev", "gfx_passthru", "usbctrl", "usbdev",
          "vscsi", "rdm"), _NO_PASSTHROUGH),
     **dict.fromkeys(("vtpm", "channel", "p9", "pvcalls", "vdispl", "vsnd"), _NO_DEVICE),
-    "maxvcpus": _NO_HOTPLUG,
     "vcpu_avail": _NO_HOTPLUG,
     "cpu": "use 'cpus' to pin a domain's CPUs",
     "snapshot": "snapshot mode is not supported",
@@ -467,7 +470,9 @@ class _Reader:
             return DomainConfig.model_validate(self.fields)
         except ValidationError as exc:
             err = exc.errors()[0]
-            name = str(err["loc"][0]) if err["loc"] else ""
+            if not err["loc"]:     # a rule across keys (e.g. vcpus above maxvcpus)
+                raise ConfigError(_pydantic_reason(exc), file=self.filename) from None
+            name = str(err["loc"][0])
             key = self.field_key.get(name, name)
             self.bad(key, self.fields.get(name), _pydantic_reason(exc))
 
@@ -515,6 +520,7 @@ _HANDLERS: dict[str, Callable[[_Reader, str, object], None]] = {
     "bootloader": _Reader.k_bootloader,
     **dict.fromkeys(("bootloader_args", "bootargs"), _Reader.k_bootloader_args),
     "guest_vars": _Reader.k_guest_vars,
+    **xmdisplay.HANDLERS,
 }
 KNOWN_KEYS = frozenset(_HANDLERS)
 

@@ -16,6 +16,7 @@ from typing import Any
 from gridvm import __version__
 from gridvm.errors import GridvmError, QemuError
 from gridvm.host import hostinfo, links, procs
+from gridvm.host.devices import live_taps
 from gridvm.host.runtime import NetPlug, PlainBridges, log
 from gridvm.host.saverestore import SaveRestore
 from gridvm.host.stats import Sampler
@@ -91,7 +92,7 @@ class HostManager(Supervisor, Verbs, SaveRestore):
         except QemuError as exc:
             log.error("%s: cannot re-adopt: %s", rec.name, exc)
             return
-        rec.taps = qemu_taps(procs.cmdline(pid))  # the running QEMU is the truth
+        rec.taps = await live_taps(monitor, rec.config, qemu_taps(procs.cmdline(pid)))
         vm = Vm(rec, pid, rundir, monitor, self.home.tag)
         self.vms[rec.uuid] = vm
         await self.res.adopt(vm)
@@ -168,7 +169,7 @@ class HostManager(Supervisor, Verbs, SaveRestore):
             ],
             "disks": [d.model_dump() for d in cfg.disks],
             "shutdown_reason": rec.shutdown_reason,
-            "config": cfg.model_dump(mode="json"),
+            "config": cfg.public(),
         }
 
     def info(self) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from typing import Any
 
 from gridvm.config.model import DomainConfig
 from gridvm.errors import Conflict, GridvmError, NotFound, PeerUnreachable, QemuError
-from gridvm.host import hostinfo, links, procs
+from gridvm.host import hostinfo, links, procs, snapshots
 from gridvm.host.manager import HostManager
 from gridvm.host.migration_model import (
     HOLD_ENV,
@@ -117,6 +117,9 @@ class Migrations:
     async def start(self, ref: str, target: str, opts: MigrateOptions) -> Job:
         """Begin migrating `ref` to the gridvmd at `target` (ADDR:PORT); follow it by `job`."""
         async with self.m.operation(ref, "migrate") as vm:
+            if opts.copy_storage and snapshots.count(vm.rec.config, self.m.home.root):
+                raise Conflict(f"domain {vm.name} has snapshots, which --copy-storage would "
+                               "lose (it copies only the disks' current state)")
             job = Job(uuidlib.uuid4().hex[:12], vm.name, vm.rec.uuid, target, opts)
             self.m.set_state(vm.rec, S.MIGRATING, f"to {target}, migration {job.id}")
             vm.expected_exit = True    # a QEMU exit is judged by the migration, not on_crash
@@ -257,7 +260,7 @@ class Migrations:
                  for b in await mon.execute("query-block") if "inserted" in b}
         uris = {}
         for copy in req.copies:
-            drive = drive_id(copy.index)
+            drive = drive_id(copy.vdev)
             await mon.execute("block-export-add", {"type": "nbd", "id": drive,
                                                    "node-name": nodes[drive],
                                                    "writable": True, "name": drive})

@@ -186,7 +186,7 @@ class Outgoing:
             if local:
                 self.local.append(path)
             copies.append(DiskCopy(index=i, vdev=d.vdev, path=d.target, local=local,
-                                   format=d.format, size=sizes[drive_id(i)],
+                                   format=d.format, size=sizes[drive_id(d.vdev)],
                                    ident=(st.st_dev, st.st_ino)))
         return copies
 
@@ -228,7 +228,7 @@ class Outgoing:
         async with mon.listen("BLOCK_JOB_COMPLETED", "BLOCK_JOB_READY",
                               "BLOCK_JOB_ERROR") as events:
             for copy in self.copies:
-                drive = drive_id(copy.index)
+                drive = drive_id(copy.vdev)
                 await mon.execute("drive-mirror", {
                     "device": drive, "job-id": f"mirror-{drive}", "target": self.nbd[drive],
                     "format": "raw", "sync": "full", "mode": "existing"})

@@ -13,13 +13,12 @@ from typing import Any
 
 from gridvm.config.model import DomainConfig
 from gridvm.errors import ConfigError, GridvmError, NotFound
-from gridvm.host import shaping
+from gridvm.host import shaping, vnc
 from gridvm.host.cgroups import CgroupManager
 from gridvm.host.cpulist import format_cpulist, parse_cpulist
 from gridvm.host.rates import parse_rate
 from gridvm.host.vm import Vm
 from gridvm.paths import Home
-from gridvm.qemu.argv import drive_id
 from gridvm.store.records import DomainRecord
 
 log = logging.getLogger("gridvm.resources")
@@ -77,6 +76,7 @@ class Resources:
                 await asyncio.to_thread(shaping.set_rate, tap, parse_rate(vif.rate))
         if cfg.memory < cfg.max_memory:
             await self.balloon(vm, cfg.memory)
+        await vnc.apply(vm)
 
     async def adopt(self, vm: Vm) -> None:
         """A re-adopted QEMU: make sure it sits in its cgroup with its weight and cap (a
@@ -172,8 +172,8 @@ class Resources:
 
     async def block_throttle(self, vm: Vm, index: int, limits: dict[str, int]) -> None:
         """Set a disk's limits (all six; 0 = unlimited) through QEMU's block throttling."""
-        args: dict[str, Any] = {"device": drive_id(index), **dict.fromkeys(THROTTLE_KEYS, 0),
-                                **limits}
+        vdev = vm.rec.config.disks[index].vdev   # by device id: hot-plugged disks too
+        args: dict[str, Any] = {"id": vdev, **dict.fromkeys(THROTTLE_KEYS, 0), **limits}
         await vm.monitor.execute("block_set_io_throttle", args)
 
     async def vif_rate(self, vm: Vm, index: int, rate: str | None) -> None:

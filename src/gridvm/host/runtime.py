@@ -24,7 +24,7 @@ from typing import Protocol
 from gridvm.config.macs import assign_macs
 from gridvm.config.model import DomainConfig, VifSpec
 from gridvm.errors import Conflict, GridvmError, NotFound, QemuError
-from gridvm.host import hostinfo, links, procs
+from gridvm.host import hostinfo, links, procs, vnc
 from gridvm.host.boot import BootLoader, NoBootLoader, uses_bootloader, with_placeholder_kernel
 from gridvm.host.guest import Guests
 from gridvm.host.resources import Resources
@@ -190,6 +190,7 @@ class DomainRuntime:
                 raise Conflict(f"domain {cfg.name}: disk {d.vdev} is the read-only template "
                                f"{template}; boot a clone (gridvm clone {template} NAME)")
         hostinfo.check_memory(cfg.memory)
+        vnc.check_display(cfg)
 
     async def _launch(self, rec: DomainRecord, *, paused: bool = False,
                       incoming: DomainState | None = None) -> Vm:

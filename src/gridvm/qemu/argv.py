@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from gridvm.config.model import NIC_MODELS, DiskSpec, DomainConfig, VifSpec
+from gridvm.config.model import NIC_MODELS, DiskSpec, DisplayParams, DomainConfig, VifSpec
 from gridvm.errors import ConfigError
 from gridvm.qemu import guestagent
 
@@ -52,9 +52,12 @@ class Machine:
     memory: int
     maxmem: int
     vcpus: int
+    maxvcpus: int | None = None
+    vga: str = "none"
 
     def args(self) -> list[str]:
         cpu = "host" if self.accel == "kvm" else "qemu64"
+        smp = str(self.vcpus) if self.maxvcpus is None else f"{self.vcpus},maxcpus={self.maxvcpus}"
         return [
             "-machine", f"pc,accel={self.accel}",
             "-cpu", cpu,
@@ -62,8 +65,8 @@ class Machine:
             "-uuid", self.uuid,
             # RAM is sized for maxmem; gridvmd balloons down to `memory` after start.
             "-m", ram_size(self.maxmem, self.accel),
-            "-smp", str(self.vcpus),
-            "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none",
+            "-smp", smp,
+            "-nodefaults", "-no-user-config", "-display", "none", "-vga", self.vga,
             # Guest power-off and panic pause QEMU (a guest reboot resets it in place);
             # gridvmd applies the on_* actions.
             "-action", "shutdown=pause,panic=pause",
@@ -134,9 +137,47 @@ def _throttle(d: DiskSpec) -> dict[str, object]:
     }
 
 
-def drive_id(index: int) -> str:
-    """The -drive id (BlockBackend name) of a domain's disk number `index`."""
-    return f"vbd{index}"
+def drive_id(vdev: str) -> str:
+    """The -drive id (BlockBackend name) of a domain's disk `vdev` (stable across hotplug:
+    the device itself has the id `vdev`)."""
+    return f"vbd-{vdev}"
+
+
+def is_virtio_disk(spec: DiskSpec, hvm: bool) -> bool:
+    """PV disks are virtio; an HVM guest's are IDE, except `vd*` (Linux's virtio name)."""
+    return not hvm or spec.vdev.startswith("vd")
+
+
+def _addr(slot: int | None) -> str | None:
+    return None if slot is None else f"0x{slot:x}"
+
+
+def pci_slots(cfg: DomainConfig) -> dict[str, int] | None:
+    """Explicit PCI slots by device id once hotplug has recorded any (`slot` of a disk or
+    vif): recorded ones stay, the others take the lowest free slots in argv order, which is
+    how QEMU lays out the same command line without addresses. None: QEMU lays them out."""
+    hvm = cfg.type == "hvm"
+    if all(d.slot is None for d in cfg.disks) and all(v.slot is None for v in cfg.vifs):
+        return None
+    order: list[tuple[str, int | None]] = []
+    if cfg.display.card != "none":
+        order.append(("vga", 2))       # -vga is created before any -device
+    order += [(d.vdev, d.slot) for d in cfg.disks if is_virtio_disk(d, hvm)]
+    order += [(f"nic{i}", v.slot) for i, v in enumerate(cfg.vifs)]
+    order += [(dev, None) for dev in EXTRA_PCI]
+    taken = {slot for _, slot in order if slot is not None}
+    free = (n for n in range(2, 32) if n not in taken)
+    slots: dict[str, int] = {}
+    for dev, slot in order:
+        if slot is None:
+            slot = next(free, None)
+            if slot is None:
+                raise ConfigError(f"domain {cfg.name}: more PCI devices than slots")
+        slots[dev] = slot
+    return slots
+
+
+EXTRA_PCI = ("balloon0", "rng0dev", guestagent.SERIAL_ID)   # PvDevices, AgentChannel
 
 
 IDE_SLOTS = {"a": (0, 0), "b": (0, 1), "c": (1, 0), "d": (1, 1)}
@@ -144,13 +185,18 @@ IDE_SLOTS = {"a": (0, 0), "b": (0, 1), "c": (1, 0), "d": (1, 1)}
 
 @dataclass(frozen=True)
 class Disk:
+    """One disk; a virtio one gets `queues` queues (QEMU's default is one per boot vCPU,
+    which would differ between a domain and its restored copy after vcpu-set)."""
+
     index: int
     spec: DiskSpec
     hvm: bool
+    slot: int | None = None
+    queues: int = 1
 
     @property
     def node(self) -> str:
-        return drive_id(self.index)
+        return drive_id(self.spec.vdev)
 
     def _ide_slot(self) -> tuple[int, int]:
         letter = self.spec.vdev.rstrip("0123456789")[-1:]
@@ -168,13 +214,24 @@ class Disk:
         extra = ",".join(f"{k}={escape(v)}" for k, v in _throttle(s).items() if v)
         if extra:
             drive += "," + extra
-        if self.hvm:
+        if is_virtio_disk(s, self.hvm):
+            dev = _opts("virtio-blk-pci", drive=self.node, id=s.vdev, serial=s.vdev,
+                        num_queues=self.queues, addr=_addr(self.slot))
+        else:
             bus, unit = self._ide_slot()
             kind = "ide-cd" if s.devtype == "cdrom" else "ide-hd"
             dev = _opts(kind, drive=self.node, bus=f"ide.{bus}", unit=unit, id=s.vdev)
-        else:
-            dev = _opts("virtio-blk-pci", drive=self.node, id=s.vdev)
         return ["-drive", drive, "-device", dev]
+
+
+def nic_model(spec: VifSpec, hvm: bool) -> str:
+    """The QEMU device of a vif (the model validated it; never let a head through)."""
+    model = spec.model or ("e1000" if hvm else "virtio-net-pci")
+    if model in ("virtio", "virtio-net"):
+        model = "virtio-net-pci"
+    if model not in NIC_MODELS:
+        raise ConfigError(f"unknown NIC model {model!r}")
+    return model
 
 
 @dataclass(frozen=True)
@@ -183,29 +240,47 @@ class Nic:
     spec: VifSpec
     tap: str
     hvm: bool
+    slot: int | None = None
 
     def args(self) -> list[str]:
-        model = self.spec.model or ("e1000" if self.hvm else "virtio-net-pci")
-        if model in ("virtio", "virtio-net"):
-            model = "virtio-net-pci"
-        if model not in NIC_MODELS:  # the model validated it; never let a head through
-            raise ConfigError(f"unknown NIC model {model!r}")
+        model = nic_model(self.spec, self.hvm)
         netdev = _opts("tap", id=f"vif{self.index}", ifname=self.tap, script="no",
                        downscript="no", vhost=None)
         return ["-netdev", netdev,
                 "-device", _opts(model, netdev=f"vif{self.index}", mac=self.spec.mac,
-                                 id=f"nic{self.index}")]
+                                 id=f"nic{self.index}", addr=_addr(self.slot))]
+
+
+@dataclass(frozen=True)
+class Vnc:
+    """QEMU's VNC server on `listen`:5900+display (a free display from there with
+    `search`); with `password`, VNC password authentication (the password itself is set
+    over QMP after start, never on the command line)."""
+
+    display: DisplayParams
+
+    def args(self) -> list[str]:
+        d = self.display
+        host = f"[{d.listen}]" if ":" in d.listen else d.listen
+        first = d.display or 0
+        last = min(first + 99, 65535 - 5900) if d.search else None
+        return ["-vnc", _opts(f"{host}:{first}", to=last, password=bool(d.password) or None)]
 
 
 @dataclass(frozen=True)
 class PvDevices:
     """Balloon, entropy and crash notification: Xen's paravirtual extras."""
 
+    slots: dict[str, int] | None = None
+
     def args(self) -> list[str]:
+        at = self.slots or {}
         return [
-            "-device", "virtio-balloon-pci,id=balloon0",
+            "-device", _opts("virtio-balloon-pci", id="balloon0", addr=_addr(at.get("balloon0"))),
             "-object", "rng-random,filename=/dev/urandom,id=rng0",
-            "-device", "virtio-rng-pci,rng=rng0",
+            "-device", _opts("virtio-rng-pci", rng="rng0",
+                             **({"id": "rng0dev", "addr": _addr(at["rng0dev"])}
+                                if "rng0dev" in at else {})),
         ]
 
 
@@ -214,9 +289,10 @@ class AgentChannel:
     """The guest agent's virtio-serial port (org.qemu.guest_agent.0), socket in the run dir."""
 
     rundir: Path
+    slot: int | None = None
 
     def args(self) -> list[str]:
-        return guestagent.chardev_args(self.rundir)
+        return guestagent.chardev_args(self.rundir, _addr(self.slot))
 
 
 @dataclass(frozen=True)
@@ -248,8 +324,11 @@ def devices(cfg: DomainConfig, *, accel: str, rundir: Path, taps: list[str],
             incoming: bool = False) -> list[Device]:
     """The device objects for one domain."""
     hvm = cfg.type == "hvm"
+    slots = pci_slots(cfg)
+    at = slots or {}
     devs: list[Device] = [
-        Machine(accel, cfg.name, cfg.uuid, cfg.memory, cfg.max_memory, cfg.vcpus),
+        Machine(accel, cfg.name, cfg.uuid, cfg.memory, cfg.max_memory, cfg.vcpus,
+                cfg.maxvcpus, cfg.display.card),
         Runtime(rundir),
     ]
     if hvm:
@@ -266,10 +345,12 @@ def devices(cfg: DomainConfig, *, accel: str, rundir: Path, taps: list[str],
     oem = oem_strings(cfg)
     if oem:
         devs.append(OemStrings(oem))
-    devs += [Disk(i, d, hvm) for i, d in enumerate(cfg.disks)]
-    devs += [Nic(i, v, taps[i], hvm) for i, v in enumerate(cfg.vifs)]
-    devs.append(PvDevices())
-    devs.append(AgentChannel(rundir))
+    devs += [Disk(i, d, hvm, at.get(d.vdev), cfg.max_vcpus) for i, d in enumerate(cfg.disks)]
+    devs += [Nic(i, v, taps[i], hvm, at.get(f"nic{i}")) for i, v in enumerate(cfg.vifs)]
+    if cfg.display.vnc:
+        devs.append(Vnc(cfg.display))
+    devs.append(PvDevices(slots))
+    devs.append(AgentChannel(rundir, at.get(guestagent.SERIAL_ID)))
     devs.append(Pvpanic())
     if incoming:
         devs.append(Incoming())

@@ -26,6 +26,7 @@ from gridvm.errors import GridvmError
 
 CHANNEL = "org.qemu.guest_agent.0"
 CHARDEV_ID = "qga0"
+SERIAL_ID = "vser0"
 SOCKET_NAME = "qga.sock"
 SENTINEL = b"\xff"
 MAX_LINE = 64 << 20
@@ -240,16 +241,25 @@ class GuestAgent:
     async def fsthaw(self) -> int:
         return int(await self.call("guest-fsfreeze-thaw", timeout=max(self.timeout, 60)))
 
+    async def online_vcpus(self) -> int:
+        """Bring every offline vCPU the guest can see online; how many it brought up."""
+        offline = [{"logical-id": c["logical-id"], "online": True}
+                   for c in await self.call("guest-get-vcpus") if not c.get("online")]
+        if not offline:
+            return 0
+        return int(await self.call("guest-set-vcpus", {"vcpus": offline}))
+
     async def fsfreeze_status(self) -> FreezeStatus:
         status = str(await self.call("guest-fsfreeze-status"))
         return "frozen" if status == "frozen" else "thawed"
 
 
-def chardev_args(rundir: Path) -> list[str]:
-    """QEMU arguments for the agent channel (a virtio-serial port on its own controller)."""
+def chardev_args(rundir: Path, addr: str | None = None) -> list[str]:
+    """QEMU arguments for the agent channel (a virtio-serial port on its own controller,
+    at PCI address `addr` if given)."""
     path = str(rundir / SOCKET_NAME).replace(",", ",,")
     return [
         "-chardev", f"socket,id={CHARDEV_ID},path={path},server=on,wait=off",
-        "-device", "virtio-serial-pci,id=vser0",
+        "-device", f"virtio-serial-pci,id={SERIAL_ID}" + (f",addr={addr}" if addr else ""),
         "-device", f"virtserialport,bus=vser0.0,chardev={CHARDEV_ID},name={CHANNEL}",
     ]

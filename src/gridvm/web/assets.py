@@ -18,7 +18,7 @@ VENDOR = {
     "addon-fit.js": "@xterm/addon-fit/lib/addon-fit.js",
     "uPlot.js": "uplot/dist/uPlot.iife.min.js",
     "uPlot.css": "uplot/dist/uPlot.min.css",
-    "novnc/": "@novnc/novnc/",       # for the graphical console of HVM guests, once VNC exists
+    "novnc/": "@novnc/novnc/",       # the graphical console (noVNC's ES modules)
 }
 
 

@@ -7,8 +7,9 @@ page first gets the end of the console log, so it opens on what the guest printe
 Guest output goes to the browser as binary frames; what the browser sends (typed or pasted
 text) goes to the guest. Like `gridvm console`, one client at a time holds the serial port.
 
-The graphical console of HVM guests (noVNC over a websocket) will sit beside it at
-/ui/ws/vnc/{ref} once gridvmd gives guests a VNC server; until then that route says so.
+The graphical console (noVNC) of a domain with `vnc = 1` is the websocket /ui/ws/vnc/{ref},
+bridged the same way to QEMU's VNC server (`gridvm.api.vnc`); VNC's own password
+authentication happens between noVNC and QEMU.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from fastapi.responses import JSONResponse
 
 from gridvm.api.client import AppClient, q
 from gridvm.api.console import bridge, open_console
+from gridvm.api.vnc import open_vnc
 from gridvm.cluster.node import ClusterNode
 from gridvm.errors import GridvmError
 from gridvm.host.manager import HostManager
@@ -55,7 +57,20 @@ def console_routes(api: AppClient, gate: Gate, manager: HostManager,
 
     @r.websocket(PATH + "/ws/vnc/{ref}")
     async def vnc(ws: WebSocket, ref: str) -> None:
-        await deny(ws, 501, "no graphical console yet: gridvmd gives HVM guests no VNC server")
+        try:
+            gate.console(ws)
+            await api.get(f"/domains/{q(ref)}/vnc")       # running with VNC (any host), or 4xx
+            stream = await open_vnc(manager, node, ref)
+        except HTTPException as exc:
+            await deny(ws, exc.status_code, str(exc.detail))
+            return
+        except (GridvmError, OSError, TimeoutError) as exc:
+            await deny(ws, 409, " ".join(str(exc).split()) or type(exc).__name__)
+            return
+        # noVNC asks for the "binary" subprotocol (older ones) or none
+        offered = ws.scope.get("subprotocols") or []
+        await ws.accept(subprotocol="binary" if "binary" in offered else None)
+        await bridge(ws, stream)
 
     return r
 

@@ -150,5 +150,6 @@ def slim(view: dict[str, Any]) -> None:
     """A domain's view for the list: its IPs and HA settings instead of its whole config."""
     cfg = view.pop("config", None) or {}
     view["ha"] = cfg.get("ha") or {}
+    view["vnc"] = bool((cfg.get("display") or {}).get("vnc"))
     view["ips"] = sorted({str(v["ip"]) for v in view.get("vifs") or [] if v.get("ip")})
     view.pop("disks", None)

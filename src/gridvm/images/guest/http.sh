@@ -62,11 +62,18 @@ datadisk() {
     return 1
 }
 
-# mbparam: validated ?mb=N and $disk big enough, else a 4xx/503 reply.
+# mbparam: validated ?mb=N (and ?dev=NAME, else the data disk) and $disk big enough,
+# else a 4xx/503 reply.
 mbparam() {
     mb=$(qparam mb) || mb=1
     case "$mb" in ''|*[!0-9]*) reply 400 "bad mb" ;; esac
-    disk=$(datadisk) || reply 503 "no disk"
+    if dev=$(qparam dev); then
+        case "$dev" in ''|*[!a-z]*) reply 400 "bad dev" ;; esac
+        [ -b "/dev/$dev" ] || reply 503 "no disk $dev"
+        disk=/dev/$dev
+    else
+        disk=$(datadisk) || reply 503 "no disk"
+    fi
     size=$(cat "/sys/block/${disk#/dev/}/size")
     [ $((mb * 2048)) -le "$size" ] || reply 400 "disk too small"
 }
@@ -117,6 +124,33 @@ case "$path" in
         mbparam
         sum=$(dd if="$disk" bs=1M count="$mb" iflag=direct 2>/dev/null | md5sum)
         reply 200 "${sum%% *}"
+        ;;
+    /cpus)
+        reply 200 "$(cat /sys/devices/system/cpu/online)"
+        ;;
+    /disks)
+        # name:serial (gridvm gives virtio disks their vdev as serial) of every whole disk
+        out=
+        for sys in /sys/block/vd* /sys/block/sd* /sys/block/hd*; do
+            [ -e "$sys" ] && out="$out${sys##*/}:$(cat "$sys/serial" 2>/dev/null) "
+        done
+        reply 200 "${out% }"
+        ;;
+    /nics)
+        # name:MAC of every interface but lo
+        out=
+        for sys in /sys/class/net/*; do
+            [ "${sys##*/}" = lo ] || out="$out${sys##*/}:$(cat "$sys/address") "
+        done
+        reply 200 "${out% }"
+        ;;
+    /mark)
+        # a value kept in memory (tmpfs): ?set=VALUE changes it
+        if v=$(qparam set); then
+            case "$v" in ''|*[!A-Za-z0-9._-]*) reply 400 "bad value" ;; esac
+            printf '%s' "$v" >/run/mark
+        fi
+        reply 200 "$(cat /run/mark 2>/dev/null)"
         ;;
     /crash)
         (sleep 0.3; echo c >/proc/sysrq-trigger) </dev/null >/dev/null 2>&1 &

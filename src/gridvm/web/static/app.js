@@ -320,10 +320,11 @@ function openDetail(name, popout) {
       ${verb("pause", "Pause")}${verb("unpause", "Resume")}${verb("destroy", "Destroy", "danger")}
       <button class="secondary" data-action="migrate" onclick="migrateDialog(detail.name)">Migrate…</button>
       <button class="secondary" data-action="console" onclick="openConsole()">Console</button>
+      <button class="secondary" data-action="vnc" id="vnc-button" onclick="openVnc()" hidden>Screen</button>
       <button class="secondary" onclick="window.open('#/console/${encodeURIComponent(name)}', '_blank', 'width=900,height=600')">Pop out console</button></div>
     <dl class="kv" id="detail-info"></dl>
     <div class="console" id="console" hidden></div>
-    <div class="placeholder" id="vnc-place" hidden>Graphical console (noVNC): comes with VNC for HVM guests.</div>
+    <div class="vnc" id="vnc" hidden></div>
     <div class="charts">${CHARTS.map((c, i) => `<div class="chart" id="chart-${i}"></div>`).join("")}</div>`;
   detail = { name, data: [[], ...CHARTS.flatMap((c) => c[1].map(() => []))], charts: [] };
   CHARTS.forEach(([title, series], i) => {
@@ -342,6 +343,7 @@ function closeDetail() {
   detail.stream?.close();
   detail.ws?.close();
   detail.term?.dispose();
+  detail.rfb?.disconnect();
   detail = null;
   document.body.classList.remove("popout");
 }
@@ -380,11 +382,12 @@ function updateDetail() {
     ["UUID", d.uuid]].map(([k, v]) => `<dt>${k}</dt><dd id="detail-${k.toLowerCase()}">${esc(v)}</dd>`).join("");
   const on = d.domid != null, st = d.state;
   const allowed = { start: !on, shutdown: on && st !== "paused", reboot: on && st !== "paused", pause: on && st === "running",
-                    unpause: on && st === "paused", destroy: on, migrate: on && !mig, console: on };
+                    unpause: on && st === "paused", destroy: on, migrate: on && !mig, console: on,
+                    vnc: on && d.vnc };
   document.querySelectorAll("#detail-actions button[data-action]").forEach((b) => {
     b.disabled = !admin() || !allowed[b.dataset.action];
   });
-  $("#vnc-place").hidden = d.type !== "hvm";
+  $("#vnc-button").hidden = !d.vnc;
 }
 
 function domainAct(verb) {
@@ -408,6 +411,29 @@ function openConsole() {
   window.gridvmConsole = term;     // for tests and the curious: the xterm.js Terminal
   connectConsole(detail.name, term, 0);
   term.focus();
+}
+
+// The graphical console: noVNC (an ES module, loaded when first needed) on the domain's VNC
+// websocket; a VNC password, if the domain has one, is asked for here and checked by QEMU.
+async function openVnc() {
+  if (!detail || detail.rfb) return;
+  const el = $("#vnc"), name = detail.name;
+  el.hidden = false;
+  const { default: RFB } = await import(new URL("vendor/novnc/core/rfb.js", document.baseURI).href);
+  if (!detail || detail.name !== name || detail.rfb) return;
+  const rfb = new RFB(el, `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ui/ws/vnc/${encodeURIComponent(name)}`);
+  rfb.scaleViewport = true;
+  rfb.addEventListener("credentialsrequired", () => {
+    dialog(`<h3>VNC password of ${esc(name)}</h3><input name="password" id="vnc-password" type="password" autocomplete="off" maxlength="8">${buttons("Connect")}`,
+      async (fd) => (rfb.sendCredentials({ password: String(fd.get("password")) }), true));
+  });
+  rfb.addEventListener("connect", () => { el.dataset.state = "connected"; });
+  rfb.addEventListener("disconnect", (e) => {
+    el.dataset.state = e.detail.clean ? "closed" : "failed";
+    if (detail && detail.rfb === rfb) detail.rfb = null;
+  });
+  detail.rfb = rfb;
+  window.gridvmVnc = rfb;     // for tests and the curious: the noVNC RFB object
 }
 
 // The serial console's websocket; after a migration or a reboot it reconnects to wherever
