@@ -562,7 +562,7 @@ INVALID = [
     ("dhcp = 'yes'", "invalid dhcp = 'yes': expected 'dhcp' or 'off'"),
     ("serial = 3", "invalid serial = 3: expected e.g. 'pty'"),
     ("boot = 'x'", "invalid boot = 'x': expected boot devices from 'acdn'"),
-    ("ha = 'always'", "invalid ha = 'always': expected one of best-effort, off, restart"),
+    ("ha = 'always'", "invalid ha = 'always': expected one of best-effort, fence, off, restart"),
     ("ha_priority = 'high'", "invalid ha_priority = 'high': expected a whole number"),
     ("hosts = [1]", "invalid hosts = [1]: expected a list of host names"),
     ("disk = 'phy:/dev/sda'", "invalid disk[0] 'phy:/dev/sda': no virtual device"),

@@ -7,6 +7,15 @@ over its pair, drives client load at every VIP from the lab's client namespace, 
 h1, keeps driving until every HA domain is back and serving, and reports: requests sent and
 failed per service, the longest gap any client saw, when and where each HA domain came back,
 and the final placement. Then it removes everything.
+
+With `db=True` (`gridvm demo fermigrid --db`) the lab also runs FermiGrid's third pillar: a
+replicated MariaDB (gridvm.db: members fgdb1 on h1, the primary, and fgdb2 on h2) behind a
+writer VIP, with a client writing sequence numbers through it the whole time; the report
+adds its acknowledged and lost writes and its longest write gap. Two hosts leave the
+survivor without a replica to acknowledge, so the demo's database is made with
+`--ack-timeout 2`: after the failover it goes on asynchronously (and says so) instead of
+waiting for h1. It costs two Debian guests: the MariaDB image is built once (about 80 s),
+and the members boot beside the tiny guests (about a minute under TCG).
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from typing import Any
 
 from gridvm.api.client import Client, q
 from gridvm.config.xmfile import load_config
+from gridvm.db import seqwriter
 from gridvm.errors import GridvmError
 from gridvm.host import httpprobe, netns
 from gridvm.images.tiny import build_tiny
@@ -32,6 +42,7 @@ from gridvm.lab import lab as labmod
 from gridvm.paths import Home
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "fermigrid-ha"
+RECIPES = EXAMPLE.parent / "recipes"
 TTL = 2
 VICTIM = "h1"
 
@@ -104,13 +115,45 @@ def _console(client: Client, name: str) -> str:
         return f"(not readable: {exc})"
 
 
+def _database(c: Client, state: labmod.LabState, lan: str,
+              say: Callable[[str], None]) -> str:
+    """The demo's database (primary on the victim); its writer VIP."""
+    vip = f"{lan}.190"
+    c.post("/databases", {"name": "fgdb", "members": 2, "hosts": [VICTIM, "h2"],
+                          "ip": f"{lan}.150/24", "vip": f"{vip}:3306", "memory": 448,
+                          "ack_timeout": 2.0})
+    say("database fgdb: booting its members (fgdb1 on h1, fgdb2 on h2)")
+    _wait("database fgdb to be ready",
+          lambda: c.get("/databases/fgdb")["phase"] in ("ready", "failed"), 900)
+    view = c.get("/databases/fgdb")
+    if view["phase"] == "failed":
+        raise GridvmError(f"database fgdb: {view['error']}")
+    c.post("/databases/fgdb/users", {"user": seqwriter.APP_USER,
+                                     "password": seqwriter.APP_PASSWORD, "database": "app"})
+
+    def table() -> None:
+        conn = seqwriter.connect(vip, timeout=30)
+        with conn.cursor() as cur:
+            cur.execute(seqwriter.TABLE)
+        conn.close()
+    netns.call_in(state.client.ns, table)
+    return vip
+
+
 def run(*, say: Callable[[str], None], warmup: float = 5.0, settle: float = 5.0,
-        example: Path = EXAMPLE) -> dict[str, Any]:
+        example: Path = EXAMPLE, db: bool = False) -> dict[str, Any]:
     """Run the whole demo; return the report (see the module docstring)."""
     topo = json.loads((example / "services.json").read_text())
     images = Home.resolve().images
     say("building the tiny guest image (cached after the first run)")
     img = build_tiny(images)
+    if db:
+        from gridvm.provision.debian import build_debian
+        from gridvm.provision.recipe import load_recipe
+
+        say("building the MariaDB image (cached after the first run)")
+        build_debian(images, load_recipe(RECIPES / "mariadb.toml"), name="mariadb",
+                     base_dir=RECIPES)
     root = Path(tempfile.mkdtemp(prefix="gridvm-fermigrid-"))
     state = labmod.plan(f"fg{os.getpid() % 100000}", 2, root=root / "lab", images=images,
                         accel=os.environ.get("GRIDVM_ACCEL", "auto"), cluster=True, ttl=TTL)
@@ -120,6 +163,7 @@ def run(*, say: Callable[[str], None], warmup: float = 5.0, settle: float = 5.0,
     lan = ".".join(state.subnet.split(".")[:3])
     clients = {h.name: labmod.client(state, h, 300) for h in state.hosts}
     drivers: dict[str, Driver] = {}
+    writer: seqwriter.Writer | None = None
     try:
         names = []
         for fg, host in topo["hosts"].items():
@@ -155,6 +199,10 @@ def run(*, say: Callable[[str], None], warmup: float = 5.0, settle: float = 5.0,
             v["vip_owner"] for v in clients["h1"].get("/services")), 30)
         owners_before = {v["name"]: v["vip_owner"] for v in clients["h1"].get("/services")}
         say("VIP owners: " + ", ".join(f"{k}@{v}" for k, v in owners_before.items()))
+        db_vip = _database(clients["h1"], state, lan, say) if db else None
+        if db_vip is not None:
+            writer = seqwriter.Writer(state.client.ns, db_vip)
+            writer.start()
         for spec in specs:
             d = Driver(state.client.ns, spec["vip"], spec["port"])
             drivers[spec["name"]] = d
@@ -190,6 +238,18 @@ def run(*, say: Callable[[str], None], warmup: float = 5.0, settle: float = 5.0,
             t = min(x for d in drivers.values() if (x := d.first_from(name, t_off)))
             back[name]["serving_at_s"] = round(t - t_off, 1)
         services = {n: d.summary(t_off) for n, d in drivers.items()}
+        database = None
+        if writer is not None and db_vip is not None:
+            writer.halt()
+            rows = seqwriter.count_rows(state.client.ns, db_vip)
+            got = seqwriter.verify(writer.acked, rows)
+            gap, at = writer.longest_gap(t_off - 1)
+            view = c.get("/databases/fgdb")
+            database = {"acknowledged": got["acked"], "lost": len(got["lost"]),
+                        "duplicated": len(got["duplicated"]),
+                        "failed_attempts": len(writer.failed),
+                        "longest_gap_s": round(gap, 2), "gap_at_s": round(at - t_off, 1),
+                        "primary_after": view.get("primary"), "writes": view.get("writes")}
         views = c.get("/services")
         report: dict[str, Any] = {
             "lab": state.name, "ttl_s": TTL, "powered_off": VICTIM,
@@ -201,12 +261,15 @@ def run(*, say: Callable[[str], None], warmup: float = 5.0, settle: float = 5.0,
                            "after": {v["name"]: v["vip_owner"] for v in views}},
             "ha_domains": back,
             "placement": {v["name"]: v.get("host") for v in c.get("/domains")},
+            "database": database,
             "seconds": round(time.monotonic() - t_start, 1),
         }
         return report
     finally:
         for d in drivers.values():
             d.stop.set()
+        if writer is not None:
+            writer.stop.set()
         for cl in clients.values():
             cl.close()
         say(f"removing lab {state.name}")
@@ -234,6 +297,12 @@ def render(r: dict[str, Any]) -> str:
     for name, b in r["ha_domains"].items():
         lines.append(f"  {name:<7} running on {b['host']} at +{b['running_at_s']}s, "
                      f"serving through its VIP at +{b['serving_at_s']}s")
+    d = r.get("database")
+    if d:
+        lines += ["", f"database fgdb (primary fgdb1 on h1 → {d['primary_after']}): "
+                  f"{d['acknowledged']} writes acknowledged, {d['lost']} lost, "
+                  f"{d['duplicated']} duplicated; longest write gap {d['longest_gap_s']:.2f}s "
+                  f"(at +{d['gap_at_s']}s)", f"  now: {d['writes']}"]
     by_host: dict[str, list[str]] = {}
     for name, host in sorted(r["placement"].items()):
         by_host.setdefault(str(host), []).append(name)

@@ -164,6 +164,7 @@ def make_app(manager: HostManager, cluster_node: ClusterNode | None = None) -> F
     app.include_router(migration_routes(migrations, node.url_of))
     tasks, tokens, inproc = Tasks(m.home), TokenStore.of(m.home), AppClient(app)
     app.state.tasks, app.state.tokens = tasks, tokens
+    app.state.evacuations = evacuations
 
     async def start_task(req: TaskRequest) -> dict[str, Any]:
         target, run = await actions.prepare(inproc, req)

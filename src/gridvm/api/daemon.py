@@ -26,6 +26,7 @@ from pyroute2 import netns as pyroute2_netns
 from gridvm.api.app import make_app
 from gridvm.api.hostpeer import ApiPeers
 from gridvm.api.listeners import Allowlist, PeerGuard, Sockets, bind_sockets
+from gridvm.api.routes_db import db_router
 from gridvm.api.routes_pki import enroll_app
 from gridvm.api.routes_services import service_router
 from gridvm.api.tasks import Tasks
@@ -34,6 +35,7 @@ from gridvm.cluster.node import ClusterNode
 from gridvm.cluster.pki import Identity
 from gridvm.cluster.settings import Files
 from gridvm.cluster.vips import ClusterPeers
+from gridvm.db.manager import DbManager
 from gridvm.errors import GridvmError
 from gridvm.host.manager import HostManager
 from gridvm.host.networks import NetworkManager
@@ -216,11 +218,15 @@ async def serve(home: Home, accel: str, socks: Sockets, allow: Allowlist,
     services = ServiceManager(manager, ClusterPeers(manager))
     app = make_app(manager, node)
     app.include_router(service_router(services))
+    databases = DbManager(manager, node, services)
+    app.include_router(db_router(databases))
+    app.state.evacuations.hooks.append(databases)
     daemon = Daemon(home, manager, node, app, app.state.tasks, app.state.tokens)
     side = [served for part in parts for served in part.attach(daemon)]
     tcp.api_app = PeerGuard(app, allow)
     tcp.enroll_app = enroll_app(node)
     await services.start()  # health checks; the nft table and VIPs outlive the daemon
+    await databases.start()  # controllers of the databases whose writer VIP is ours
     config = uvicorn.Config(app, uds=str(home.api_socket), log_level="warning",
                             lifespan="on", timeout_graceful_shutdown=5)
     server = _Server(config)
@@ -232,6 +238,7 @@ async def serve(home: Home, accel: str, socks: Sockets, allow: Allowlist,
             s.should_exit = True
         await asyncio.gather(*side_tasks, return_exceptions=True)
         await tcp.stop()
+        await databases.close()
         await services.close()
         home.api_socket.unlink(missing_ok=True)
         store.close()

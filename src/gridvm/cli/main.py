@@ -15,6 +15,7 @@ from gridvm.api.client import Client, q
 from gridvm.cli.backup import backup
 from gridvm.cli.clone import register as register_clone_verbs
 from gridvm.cli.cluster import cluster_app, host_app
+from gridvm.cli.db import db_app
 from gridvm.cli.devices import register as register_device_verbs
 from gridvm.cli.guest import register as register_guest_verbs
 from gridvm.cli.image import image_app
@@ -47,6 +48,7 @@ app.add_typer(lab_app, name="lab")
 app.add_typer(cluster_app, name="cluster")
 app.add_typer(host_app, name="host")
 app.add_typer(service_app, name="service")
+app.add_typer(db_app, name="db")
 app.add_typer(task_app, name="task")
 app.add_typer(snapshot_app, name="snapshot")
 app.add_typer(web_app, name="web")
@@ -357,12 +359,14 @@ def demo(
     = "host",
     as_json: JsonOpt = False,
     keep: Annotated[bool, typer.Option("--keep", help="leave the demo running")] = False,
+    db: Annotated[bool, typer.Option("--db", help="fermigrid: add the replicated MariaDB "
+                                     "(two Debian guests: about a minute more)")] = False,
 ) -> None:
     """Demos: one FermiGrid host (default), or `fermigrid`, the main job (HA, LVS)."""
     if which == "fermigrid":
         from gridvm.fermigrid import render, run
 
-        report = run(say=lambda m: err.print(f"fermigrid: {m}", highlight=False))
+        report = run(say=lambda m: err.print(f"fermigrid: {m}", highlight=False), db=db)
         if as_json:
             emit_json(report)
         else:

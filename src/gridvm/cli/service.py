@@ -27,7 +27,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
 
 
 def build_spec(name: str, vip: str, backends: str, scheduler: str, weights: list[str],
-               check: str, interval: float, rise: int, fall: int) -> ServiceSpec:
+               check: str, interval: float, rise: int, fall: int,
+               auth: str | None = None) -> ServiceSpec:
     """The CLI's strings → a validated ServiceSpec (one-line ConfigError otherwise)."""
     addr, port = parse_vip(vip)
     if scheduler not in SCHEDULERS:
@@ -41,7 +42,7 @@ def build_spec(name: str, vip: str, backends: str, scheduler: str, weights: list
     try:
         return ServiceSpec.model_validate({
             "name": name, "vip": addr, "port": port, "scheduler": scheduler, "check": check,
-            "interval": interval, "rise": rise, "fall": fall,
+            "interval": interval, "rise": rise, "fall": fall, "auth": auth,
             "backends": [{"domain": d, "port": p, "weight": w.get(d, 1)} for d, p in items]})
     except ValidationError as exc:
         raise ConfigError(validation_message(exc)) from None
@@ -55,14 +56,18 @@ def create(
     scheduler: Annotated[str, typer.Option("--scheduler", help="rr, wrr, sh or random")] = "rr",
     weight: Annotated[list[str] | None, typer.Option("--weight", help="DOM=W (repeatable)")]
     = None,
-    check: Annotated[str, typer.Option("--check", help="tcp or http:/PATH")] = "tcp",
+    check: Annotated[str, typer.Option("--check", help="tcp, http:/PATH, mysql:primary or "
+                                       "mysql:replica[:MAX_LAG]")] = "tcp",
+    check_auth: Annotated[str | None, typer.Option(
+        "--check-auth", help="USER:PASSWORD a mysql check logs in with")] = None,
     interval: Annotated[float, typer.Option("--interval", help="seconds between checks")] = 2.0,
     rise: Annotated[int, typer.Option("--rise", help="passes to come back")] = 2,
     fall: Annotated[int, typer.Option("--fall", help="failures to leave rotation")] = 3,
     as_json: JsonOpt = False,
 ) -> None:
     """Create a virtual service (its VIP is added to this host and announced)."""
-    spec = build_spec(name, vip, backends, scheduler, weight or [], check, interval, rise, fall)
+    spec = build_spec(name, vip, backends, scheduler, weight or [], check, interval, rise, fall,
+                      check_auth)
     view = _call("POST", "/services", spec.model_dump(mode="json"))
     if as_json:
         _emit(view)

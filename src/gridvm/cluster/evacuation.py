@@ -6,7 +6,9 @@ one: it asks the source host (through a HostPeer) to migrate each to its planned
 destination and follows that migration until it ends. One evacuation at a time in the whole
 cluster: the job holds `evacuation` in etcd, on the host's lease (so a host that dies
 mid-way releases it). The CLI follows the job and may detach; `gridvm host evacuate --follow`
-finds it again.
+finds it again. Services above the cluster layer that keep host-bound domains (the database
+service) register a `HostLeaving` hook: it runs first (e.g. a switchover away from the host,
+then a clean stop of its members), and a hook that fails fails the job before anything moves.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import logging
 import time
 import uuid as uuidlib
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from gridvm.cluster import service
 from gridvm.cluster.node import ClusterNode
@@ -29,6 +31,14 @@ log = logging.getLogger("gridvm.cluster")
 Phase = Literal["running", "completed", "failed", "cancelled"]
 POLL_S = 0.25
 LOCK = "evacuation"
+
+
+class HostLeaving(Protocol):
+    """An upper layer's part in an evacuation: called before the migrations start."""
+
+    async def host_leaving(self, host: str) -> list[str]:
+        """Move whatever this service keeps on `host` off it; one line per thing done."""
+        ...
 
 
 @dataclass
@@ -42,6 +52,7 @@ class Evacuation:
     index: int = 0                                   # the move in progress (0-based)
     current: dict[str, Any] | None = None            # its migration job's view
     moved: list[dict[str, Any]] = field(default_factory=list)
+    prepared: list[str] = field(default_factory=list)   # what the hooks did first
     error: str | None = None
     started: float = field(default_factory=time.time)
     finished: float | None = None
@@ -50,7 +61,8 @@ class Evacuation:
     def view(self) -> dict[str, Any]:
         return {"id": self.id, "host": self.host, "phase": self.phase, "index": self.index,
                 "total": len(self.moves), "moves": self.moves, "left": self.left,
-                "current": self.current, "moved": self.moved, "error": self.error,
+                "current": self.current, "moved": self.moved, "prepared": self.prepared,
+                "error": self.error,
                 "started": self.started, "finished": self.finished}
 
 
@@ -59,6 +71,7 @@ class Evacuations:
 
     def __init__(self, node: ClusterNode) -> None:
         self.node = node
+        self.hooks: list[HostLeaving] = []
         self.jobs: dict[str, Evacuation] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -106,6 +119,12 @@ class Evacuations:
     async def _run(self, job: Evacuation) -> None:
         _, cluster = self.node.need()
         try:
+            for hook in self.hooks:
+                try:
+                    job.prepared += await hook.host_leaving(job.host)
+                except GridvmError as exc:
+                    job.phase, job.error = "failed", f"nothing was moved: {exc}"
+                    return
             for i, step in enumerate(job.moves):
                 job.index = i
                 if job.cancel:

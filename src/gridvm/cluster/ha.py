@@ -45,7 +45,7 @@ from gridvm.cluster.placement import (
     loads_from,
     place_ha,
 )
-from gridvm.config.model import DomainConfig
+from gridvm.config.model import RESTARTED, DomainConfig
 from gridvm.errors import GridvmError
 
 ROUND_S = 0.5
@@ -112,7 +112,7 @@ class HaManager:
                 states[host] = "fenced"
         registry = env.domains()
         fenced = {h for h, s in states.items() if s == "fenced"}
-        todo = [g for g in registry.values() if g.get("ha", "off") != "off" and (
+        todo = [g for g in registry.values() if g.get("ha", "off") in RESTARTED and (
             (g.get("host") in fenced and g.get("state") in ACTIVE) or g.get("state") == "lost")]
         self.failed_on = {u: fails for u, hs in self.failed_on.items()
                           if (fails := {h: t for h, t in hs.items() if now - t < AVOID_S})}

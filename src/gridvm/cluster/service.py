@@ -10,7 +10,7 @@ from typing import Any
 from gridvm.cluster import enroll
 from gridvm.cluster.node import ClusterNode
 from gridvm.cluster.placement import ACTIVE, Demand, NoHostFits, loads_from, place, why_not
-from gridvm.config.model import DomainConfig
+from gridvm.config.model import RESTARTED, DomainConfig
 from gridvm.errors import Conflict, NotFound, ResourceError
 
 MOVABLE = ("running", "blocked", "paused")
@@ -19,7 +19,8 @@ MOVABLE = ("running", "blocked", "paused")
 def evacuation_plan(node: ClusterNode, name: str) -> dict[str, Any]:
     """Where each running domain of `name` goes, by placement over the other hosts (largest
     first, each placement counting against its host). Raises before anything moves: the
-    host is unknown or down, or some domain fits nowhere (with each host's reason)."""
+    host is unknown or down, or some domain fits nowhere (with each host's reason). Domains
+    bound to their host (`ha = "fence"`, e.g. database members) stay: they are `left`."""
     ccfg, cluster = node.need()
     states = cluster.host_states()
     if name not in states:
@@ -38,6 +39,10 @@ def evacuation_plan(node: ClusterNode, name: str) -> dict[str, Any]:
     for uuid, cfg, rec in mine:
         if rec.get("state") not in MOVABLE:
             left.append({"domain": cfg.name, "uuid": uuid, "state": rec.get("state")})
+            continue
+        if cfg.ha.ha == "fence":      # host-bound: its service moves its role, not the domain
+            left.append({"domain": cfg.name, "uuid": uuid, "state": rec.get("state"),
+                         "reason": "bound to its host (ha = fence)"})
             continue
         demand = Demand.of(cfg)
         try:
@@ -96,7 +101,7 @@ def remove_host(node: ClusterNode, name: str) -> dict[str, Any]:
         raise Conflict(f"host {name} is {states[name]}: only a host that is down can be "
                        "removed (evacuate it, then stop its gridvmd)")
     mine = {uuid: rec for uuid, rec in cluster.domains().items() if rec.get("host") == name}
-    waiting = sorted(str(r["name"]) for r in mine.values() if r.get("ha", "off") != "off"
+    waiting = sorted(str(r["name"]) for r in mine.values() if r.get("ha", "off") in RESTARTED
                      and r.get("state") in (*ACTIVE, "lost"))
     if waiting:
         raise Conflict(f"host {name} still has HA domains waiting to be restarted elsewhere: "

@@ -17,7 +17,11 @@ Action = Literal[
     "destroy", "restart", "preserve", "rename-restart", "coredump-destroy", "coredump-restart"
 ]
 DomainType = Literal["pv", "pvh", "hvm"]
-HaPolicy = Literal["restart", "best-effort", "off"]
+HaPolicy = Literal["restart", "best-effort", "fence", "off"]
+"""restart/best-effort: restarted elsewhere by the HA manager; fence: killed with its host's
+self-fencing but never restarted elsewhere (its data lives on its host, e.g. a database
+member whose service fails over inside the guests); off: neither."""
+RESTARTED: tuple[str, ...] = ("restart", "best-effort")
 
 MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")

@@ -1,4 +1,5 @@
-"""Health checks: asyncio TCP and HTTP probes, and keepalived/HAProxy-style rise/fall."""
+"""Health checks: asyncio TCP and HTTP probes, MySQL role checks, and keepalived/HAProxy-style
+rise/fall."""
 
 from __future__ import annotations
 
@@ -6,12 +7,16 @@ import asyncio
 import contextlib
 from dataclasses import dataclass
 
+from gridvm.lb import mysqlcheck
 from gridvm.lb.model import Check
 
 
-async def probe(check: Check, ip: str, port: int, timeout: float) -> str | None:
+async def probe(check: Check, ip: str, port: int, timeout: float,
+                auth: str | None = None) -> str | None:
     """Run one check against ip:port: None if it passed, else why it failed (one line)."""
     try:
+        if check.kind == "mysql":
+            return await mysqlcheck.probe(check, ip, port, timeout, auth or ":")
         return await asyncio.wait_for(_probe(check, ip, port), timeout)
     except TimeoutError:
         return f"no answer in {timeout:.1f}s"

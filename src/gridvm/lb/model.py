@@ -85,24 +85,46 @@ def check_weight(w: int) -> int:
 
 @dataclass(frozen=True)
 class Check:
-    """A health check: a TCP connect, or an HTTP GET of `path` that must answer 2xx/3xx."""
+    """A health check: a TCP connect; an HTTP GET of `path` that must answer 2xx/3xx; or a
+    MySQL login that must find the server in `role` — a `primary` accepts writes
+    (read_only off), a `replica` is read-only, replicates (IO and SQL threads running) and
+    lags at most `max_lag` seconds."""
 
-    kind: Literal["tcp", "http"]
+    kind: Literal["tcp", "http", "mysql"]
     path: str = ""
+    role: Literal["primary", "replica", ""] = ""
+    max_lag: float = 0.0
 
     def __str__(self) -> str:
+        if self.kind == "mysql":
+            return f"mysql:{self.role}" + (f":{self.max_lag:g}" if self.role == "replica"
+                                           else "")
         return "tcp" if self.kind == "tcp" else f"http:{self.path}"
 
 
+DEFAULT_LAG = 10.0
+
+
 def parse_check(text: str) -> Check:
-    """`tcp` or `http:/PATH`."""
+    """`tcp`, `http:/PATH`, `mysql:primary` or `mysql:replica[:MAX_LAG_SECONDS]`."""
     if text == "tcp":
         return Check("tcp")
     kind, sep, path = text.partition(":")
     if kind == "http" and sep and path.startswith("/") and " " not in path and \
             path.isprintable():
         return Check("http", path)
-    raise ConfigError(f"bad --check {text!r}: use tcp or http:/PATH (e.g. http:/health)")
+    if kind == "mysql" and path == "primary":
+        return Check("mysql", role="primary")
+    role, _, lag = path.partition(":")
+    if kind == "mysql" and role == "replica":
+        try:
+            max_lag = float(lag) if lag else DEFAULT_LAG
+        except ValueError:
+            max_lag = -1.0
+        if 0 < max_lag <= 86400:
+            return Check("mysql", role="replica", max_lag=max_lag)
+    raise ConfigError(f"bad --check {text!r}: use tcp, http:/PATH (e.g. http:/health), "
+                      "mysql:primary or mysql:replica[:MAX_LAG]")
 
 
 # ----- the model the daemon keeps ---------------------------------------------------------------
@@ -136,6 +158,8 @@ class ServiceSpec(BaseModel):
     interval: float = Field(default=2.0, ge=0.1, le=300)
     rise: int = Field(default=2, ge=1, le=100)
     fall: int = Field(default=3, ge=1, le=100)
+    auth: str | None = Field(default=None, max_length=200, description=(
+        "USER:PASSWORD a mysql check logs in with (never shown in views)"))
 
     @field_validator("name")
     @classmethod
@@ -154,6 +178,12 @@ class ServiceSpec(BaseModel):
     @classmethod
     def _check(cls, v: str) -> str:
         return str(parse_check(v))
+
+    @model_validator(mode="after")
+    def _auth(self) -> ServiceSpec:
+        if self.health.kind == "mysql" and (not self.auth or ":" not in self.auth):
+            raise ValueError("a mysql check needs --check-auth USER:PASSWORD")
+        return self
 
     @model_validator(mode="after")
     def _backends(self) -> ServiceSpec:

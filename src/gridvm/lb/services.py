@@ -401,38 +401,42 @@ class ServiceManager:
                 log.exception("%s: health round failed", rt.spec.name)
             await asyncio.sleep(max(0.0, deadline - loop.time()))
 
-    async def _round(self, rt: Runtime, *, program: bool = True) -> None:
-        """Check every backend once; reprogram the service if its usable set changed."""
+    async def _round(self, rt: Runtime, *, program: bool = True,
+                     only: str | None = None) -> None:
+        """Check every backend (or only `only`) once; reprogram the service if its usable
+        set changed."""
         spec = rt.spec
-        timeout = max(0.05, min(spec.interval * 0.8, 5.0))
-
-        async def one(b: Backend) -> bool:
-            st = rt.states[b.domain]
-            loc = await self.resolver.locate(b.domain)
-            if loc is None or not loc.running or loc.ip is None:
-                st.last = ("domain does not exist" if loc is None else
-                           "domain is not running" if not loc.running else "no address known")
-                st.ip = loc.ip if loc else st.ip
-                changed = st.hyst.force_down()
-            else:
-                moved = (loc.ip, loc.host) != (st.ip, st.host)
-                st.ip, st.host = loc.ip, loc.host
-                why = await probe(spec.health, loc.ip, spec.target_port(b), timeout)
-                st.checks += 1
-                st.failed += why is not None
-                st.last = why or "ok"
-                changed = st.hyst.feed(why is None) or (moved and bool(st.hyst.up))
-            if changed:
-                st.since = time.time()
-                log.info("%s: backend %s is %s (%s)", spec.name, b.domain,
-                         "up" if st.hyst.up else "down", st.last)
-            return changed
-
-        results = await asyncio.gather(*(one(b) for b in spec.backends))
+        results = await asyncio.gather(*(self._check(rt, b) for b in spec.backends
+                                         if only is None or b.domain == only))
         if program and any(results):
             async with self._lock:
                 if self.services.get(spec.name) is rt:
                     await self._program(rt)
+
+    async def _check(self, rt: Runtime, b: Backend) -> bool:
+        """One check of one backend, fed to its hysteresis; True if its state changed."""
+        spec = rt.spec
+        timeout = max(0.05, min(spec.interval * 0.8, 5.0))
+        st = rt.states[b.domain]
+        loc = await self.resolver.locate(b.domain)
+        if loc is None or not loc.running or loc.ip is None:
+            st.last = ("domain does not exist" if loc is None else
+                       "domain is not running" if not loc.running else "no address known")
+            st.ip = loc.ip if loc else st.ip
+            changed = st.hyst.force_down()
+        else:
+            moved = (loc.ip, loc.host) != (st.ip, st.host)
+            st.ip, st.host = loc.ip, loc.host
+            why = await probe(spec.health, loc.ip, spec.target_port(b), timeout, spec.auth)
+            st.checks += 1
+            st.failed += why is not None
+            st.last = why or "ok"
+            changed = st.hyst.feed(why is None) or (moved and bool(st.hyst.up))
+        if changed:
+            st.since = time.time()
+            log.info("%s: backend %s is %s (%s)", spec.name, b.domain,
+                     "up" if st.hyst.up else "down", st.last)
+        return changed
 
     def _programmed(self, rt: Runtime) -> Programmed:
         spec = rt.spec
@@ -574,6 +578,31 @@ class ServiceManager:
             log.info("%s: backend %s %s", name, domain, "back in rotation" if undo else
                      "draining")
         return await self.view(name)
+
+    async def route_only(self, name: str, domain: str | None) -> None:
+        """New connections go to `domain` alone (None: to no backend): every other backend is
+        drained. That backend is checked at once, so a server that just took a role (a
+        promoted database primary) is in rotation now rather than after an interval; the
+        spec is shared with the cluster. For a service another layer steers (the database
+        service's writer VIP)."""
+        async with self._lock:
+            rt = self.get(name)
+            if domain is not None:
+                rt.spec.backend(domain)
+            old = {b.domain: b.drained for b in rt.spec.backends}
+            for b in rt.spec.backends:
+                b.drained = b.domain != domain
+            try:
+                if domain is not None:
+                    await self._round(rt, program=False, only=domain)
+                await self._program(rt)
+                await self.peers.publish(name, rt.spec)
+            except BaseException:
+                for b in rt.spec.backends:
+                    b.drained = old[b.domain]
+                raise
+            self._save()
+            log.info("%s: new connections to %s only", name, domain or "no backend")
 
     # ----- views --------------------------------------------------------------------------------
 

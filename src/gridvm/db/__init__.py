@@ -1,0 +1,1 @@
+"""The replicated database service (members, promotion, rejoin): uses cluster/ and lb/."""
