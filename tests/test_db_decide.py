@@ -146,3 +146,19 @@ def test_role_transitions_are_checked_and_logged() -> None:
     assert rec["events"][-1]["to"] == "promoting"
     for role, targets in roles.TRANSITIONS.items():
         assert role not in targets
+
+
+def test_writes_wait_when_the_only_counted_replica_no_longer_answers() -> None:
+    """A powered-off replica's connection is still counted by the primary for minutes:
+    `db status` must not say writes are acknowledged when no replica answers probes."""
+    from gridvm.db.manager import _writes
+
+    record = {"phase": "ready", "primary": "a", "settings": {"ack_timeout": None},
+              "members": {"a": {"role": "primary"}, "b": {"role": "replica"},
+                          "c": {"role": "replica"}}}
+    primary = Observation(up=True, semisync_on=True, semisync_clients=1, semisync_waiting=1)
+    gone = Observation(up=False, error="host down")
+    stopped = Observation(up=True, io_running=False)
+    assert _writes(record, {"a": primary, "b": gone, "c": stopped}).startswith("WRITES WAIT")
+    fine = Observation(up=True, io_running=True)
+    assert "acknowledged by a replica" in _writes(record, {"a": primary, "b": gone, "c": fine})

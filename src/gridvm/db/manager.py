@@ -245,12 +245,15 @@ def _writes(record: dict[str, Any], obs: dict[str, Observation]) -> str:
     o = obs[p]
     ack = record["settings"].get("ack_timeout")
     replicas = len(record["members"]) - 1
-    if o.semisync_clients == 0:
+    # The primary counts a replica's connection until TCP notices it is gone: a replica
+    # whose host lost power still counts for minutes, so count only what answers probes.
+    receiving = sum(1 for m, om in obs.items() if m != p and om.up and om.io_running)
+    if o.semisync_clients == 0 or receiving == 0:
         if ack is None:
-            return ("WRITES WAIT: no replica is connected to acknowledge them; commits block "
+            return ("WRITES WAIT: no replica is replicating to acknowledge them; commits block "
                     "until one is (semi-synchronous replication never falls back to "
                     "asynchronous unless the database was made with --ack-timeout)")
-        return ("writes are ASYNCHRONOUS: no replica is connected (--ack-timeout "
+        return ("writes are ASYNCHRONOUS: no replica is replicating (--ack-timeout "
                 f"{ack:g}s chose to go on without one); they are lost if {p} is lost")
     if not o.semisync_on:
         return (f"writes are ASYNCHRONOUS: no acknowledgement within --ack-timeout {ack}s; "
