@@ -142,10 +142,12 @@ def test_mutating_calls_over_a_unix_socket_name_the_caller(tmp_path: Path) -> No
 # ----- a real gridvmd (one tiny guest) ---------------------------------------------------------
 
 
-def sock_request(host: HostEnv, method: str, path: str, body: Any = None) -> httpx.Response:
+def sock_request(host: HostEnv, method: str, path: str, body: Any = None,
+                 token: str | None = None) -> httpx.Response:
     transport = httpx.HTTPTransport(uds=str(host.agent.home.api_socket))
+    headers = {"authorization": f"Bearer {token}"} if token else None
     with httpx.Client(transport=transport, base_url="http://x", timeout=60) as c:
-        return c.request(method, path, json=body)
+        return c.request(method, path, json=body, headers=headers)
 
 
 @pytest.mark.guest
@@ -158,15 +160,24 @@ def test_gridvmd_logs_create_destroy_and_rejections(host: HostEnv) -> None:
     assert sock_request(host, "POST", "/v1/domains/nosuch/destroy").status_code == 404
     login = sock_request(host, "POST", "/ui/api/login", {"token": TOKEN})
     assert login.status_code == 401
+    admin = host.gridvm("web", "token", "create", "--role", "admin", "--comment",
+                        "auditor").stdout.strip()
+    reader = host.gridvm("web", "token", "create", "--role", "readonly").stdout.strip()
+    act = {"action": "nosuch", "target": "audited"}
+    assert sock_request(host, "POST", "/ui/api/tasks", act, token=TOKEN).status_code == 401
+    assert sock_request(host, "POST", "/ui/api/tasks", act, token=admin).status_code >= 400
+    assert sock_request(host, "GET", "/ui/api/audit", token=reader).status_code == 403
+    assert sock_request(host, "GET", "/ui/api/audit", token=admin).status_code == 200
     host.gridvm("destroy", "audited")
 
-    out = host.gridvm("audit", "--tail", "20", "--json").stdout
+    out = host.gridvm("audit", "--tail", "30", "--json").stdout
     entries = [json.loads(line) for line in out.splitlines() if line.strip()]
     got = [(e["method"], e["path"], e["status"]) for e in entries]
     assert ("POST", "/v1/domains", 200) in got
     assert ("POST", "/v1/domains", 422) in got
     assert ("POST", "/v1/domains/nosuch/destroy", 404) in got
     assert ("POST", "/ui/api/login", 401) in got
+    assert ("POST", "/v1/tokens", 200) in got
     assert any(m == "POST" and p.endswith("/destroy") and p != "/v1/domains/nosuch/destroy"
                and s == 200 for m, p, s in got)
     assert all(e["method"] != "GET" for e in entries)
@@ -177,7 +188,12 @@ def test_gridvmd_logs_create_destroy_and_rejections(host: HostEnv) -> None:
     assert "hunter22" not in text and TOKEN not in text
     login_entry = next(e for e in entries if e["path"] == "/ui/api/login")
     assert login_entry["body"] == {"token": REDACTED}
-    assert login_entry["who"]["token"] == "0123abcd" and "token_error" in login_entry["who"]
+    forged, real = [e for e in entries if e["path"] == "/ui/api/tasks"]
+    assert forged["status"] == 401 and forged["who"]["token"] == "0123abcd"
+    assert "token_error" in forged["who"] and forged["who"]["uid"] == os.getuid()
+    assert real["who"]["role"] == "admin" and real["who"]["token_comment"] == "auditor"
+    assert real["who"]["token"] == admin.split("_")[1] and "error" in real
+    assert admin not in text and reader not in text
     assert "error" in next(e for e in entries if e["status"] == 404)
     assert stat.S_IMODE((host.home / "audit.log").stat().st_mode) == 0o600
     human = host.gridvm("audit", "-n", "3").stdout.splitlines()
