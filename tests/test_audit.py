@@ -139,6 +139,41 @@ def test_mutating_calls_over_a_unix_socket_name_the_caller(tmp_path: Path) -> No
     assert stat.S_IMODE((tmp_path / "audit.log").stat().st_mode) == 0o600
 
 
+def test_mutual_tls_callers_are_named_by_their_certificate(tmp_path: Path) -> None:
+    from gridvm.cluster.pki import Ca, Identity
+
+    ca = Ca.create("audit")
+    server, client = Identity(tmp_path / "server"), Identity(tmp_path / "client")
+    for ident, name in ((server, "host-a"), (client, "admin-bob")):
+        ident.dir.mkdir()
+        ident.save(*ca.issue(name, ["127.0.0.1"]), ca.cert)
+    audit = AuditLog(tmp_path)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(Audited(small_app(), audit), lifespan="off", log_level="warning",
+                            http=PeerProtocol)
+    config.load()
+    config.ssl = server.server_context()
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=lambda: asyncio.run(srv.serve(sockets=[sock])),
+                              daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not srv.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with httpx.Client(verify=client.client_context(),
+                          base_url=f"https://127.0.0.1:{port}") as c:
+            assert c.post("/v1/things", json={"name": "t"}).status_code == 200
+        entry, = audit.tail(5)
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+        audit.close()
+    assert entry["who"] == {"via": "tls", "address": "127.0.0.1", "cn": "admin-bob"}
+
+
 # ----- a real gridvmd (one tiny guest) ---------------------------------------------------------
 
 

@@ -2,8 +2,8 @@
 (server-sent events), a domain's stats stream, tasks, and actions (which start tasks).
 
 Everything under /ui/api and /ui/ws needs a token (`gridvm.web.auth`); reads are open to any
-valid token, actions to admin tokens only. Data comes from the gridvmd API called in-process,
-so the console shows exactly what `gridvm` would.
+valid token, actions (and the audit log) to admin tokens only. Data comes from the gridvmd
+API called in-process, so the console shows exactly what `gridvm` would.
 """
 
 from __future__ import annotations
