@@ -48,6 +48,7 @@ from pydantic import BaseModel, ValidationError
 
 from gridvm.config import xmdisplay
 from gridvm.config.bootargs import parse_boot_args
+from gridvm.config.evalvalues import Limits
 from gridvm.config.model import (
     Action,
     Actions,
@@ -59,13 +60,7 @@ from gridvm.config.model import (
     Sched,
     VifSpec,
 )
-from gridvm.config.safeeval import (
-    Function,
-    Limits,
-    evaluate,
-    first_code_statement,
-    parse_source,
-)
+from gridvm.config.safeeval import Function, evaluate, first_code_statement, parse_source
 from gridvm.config.xmvalues import (
     _abspath,
     _as_int,
