@@ -156,7 +156,7 @@ def _verb(verb: str, *, wait: bool = False) -> Prepare:
 
 async def _create(api: AppClient, target: str, params: BaseModel) -> tuple[str, Runner]:
     assert isinstance(params, CreateParams)
-    loaded = parse_config(params.config, "<config>")
+    loaded = await asyncio.to_thread(parse_config, params.config, "<config>")  # CPU-bound
     cfg = loaded.config.model_dump(mode="json")
 
     async def run(task: Task) -> Any:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from gridvm.api import actions
+from gridvm.api.audit import AuditLog, audit_routes
 from gridvm.api.client import AppClient
 from gridvm.api.console import console_routes
 from gridvm.api.limits import BodyLimit
@@ -140,6 +141,7 @@ def make_app(manager: HostManager, cluster_node: ClusterNode | None = None) -> F
             await tasks.close()
             await inproc.aclose()
             tokens.close()
+            audit.close()
             await evacuations.close()
             await migrations.close()
             await manager.close()
@@ -165,6 +167,7 @@ def make_app(manager: HostManager, cluster_node: ClusterNode | None = None) -> F
     tasks, tokens, inproc = Tasks(m.home), TokenStore.of(m.home), AppClient(app)
     app.state.tasks, app.state.tokens = tasks, tokens
     app.state.evacuations = evacuations
+    audit = app.state.audit = AuditLog(m.home.root, tokens=tokens.describe)
 
     async def start_task(req: TaskRequest) -> dict[str, Any]:
         target, run = await actions.prepare(inproc, req)
@@ -172,6 +175,7 @@ def make_app(manager: HostManager, cluster_node: ClusterNode | None = None) -> F
 
     app.include_router(task_routes(tasks, start_task))
     app.include_router(token_routes(tokens))
+    app.include_router(audit_routes(audit))
 
     @app.exception_handler(GridvmError)
     async def _gridvm_error(_: Request, exc: GridvmError) -> JSONResponse:

@@ -24,6 +24,7 @@ import uvicorn
 from pyroute2 import netns as pyroute2_netns
 
 from gridvm.api.app import make_app
+from gridvm.api.audit import Audited, PeerProtocol
 from gridvm.api.hostpeer import ApiPeers
 from gridvm.api.listeners import Allowlist, PeerGuard, Sockets, bind_sockets
 from gridvm.api.routes_db import db_router
@@ -162,7 +163,7 @@ class TcpListeners:
         for app, sock, ctx in ((self.api_app, self.socks.api, self._tls),
                                (self.enroll_app, self.socks.enroll, plain)):
             config = uvicorn.Config(app, lifespan="off", log_level="warning",
-                                    timeout_graceful_shutdown=5)
+                                    timeout_graceful_shutdown=5, http=PeerProtocol)
             config.load()
             config.ssl = ctx
             server = SideServer(config)
@@ -223,12 +224,13 @@ async def serve(home: Home, accel: str, socks: Sockets, allow: Allowlist,
     app.state.evacuations.hooks.append(databases)
     daemon = Daemon(home, manager, node, app, app.state.tasks, app.state.tokens)
     side = [served for part in parts for served in part.attach(daemon)]
-    tcp.api_app = PeerGuard(app, allow)
-    tcp.enroll_app = enroll_app(node)
+    audit = app.state.audit
+    tcp.api_app = Audited(PeerGuard(app, allow), audit)
+    tcp.enroll_app = Audited(enroll_app(node), audit)
     await services.start()  # health checks; the nft table and VIPs outlive the daemon
     await databases.start()  # controllers of the databases whose writer VIP is ours
-    config = uvicorn.Config(app, uds=str(home.api_socket), log_level="warning",
-                            lifespan="on", timeout_graceful_shutdown=5)
+    config = uvicorn.Config(Audited(app, audit), uds=str(home.api_socket), log_level="warning",
+                            lifespan="on", timeout_graceful_shutdown=5, http=PeerProtocol)
     server = _Server(config)
     side_tasks = [asyncio.create_task(s.serve(sockets=ss)) for s, ss in side]
     try:

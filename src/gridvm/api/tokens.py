@@ -124,6 +124,16 @@ class TokenStore:
             raise Unauthorized(f"token {token.id} expired at {when}")
         return token
 
+    def describe(self, text: str) -> dict[str, Any]:
+        """Who a token names, for the audit log: id, role and comment, or why it is not valid."""
+        try:
+            token = self.verify(text)
+        except Unauthorized as exc:
+            m = TOKEN_RE.match(text.strip())
+            return {"token": m[1] if m else "malformed", "token_error": str(exc)}
+        return {"token": token.id, "role": token.role,
+                **({"token_comment": token.comment} if token.comment else {})}
+
     def all(self) -> list[Token]:
         with self._lock:
             rows = self._db.execute("SELECT id, role, comment, created, expires FROM tokens "

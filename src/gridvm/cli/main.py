@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gridvm.api.client import Client, q
+from gridvm.cli.audit import audit
 from gridvm.cli.backup import backup
 from gridvm.cli.clone import register as register_clone_verbs
 from gridvm.cli.cluster import cluster_app, host_app
@@ -37,6 +38,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Xen-style toolstack on QEMU (xm/xl verbs).")
 app.add_typer(image_app, name="image")
 register_resource_verbs(app)
+app.command()(audit)
 register_guest_verbs(app)
 register_device_verbs(app)
 register_clone_verbs(app, image_app)

@@ -67,7 +67,11 @@ def parse_source(source: str, filename: str, limits: Limits | None = None) -> as
         return ast.parse(source, filename=filename)
     except SyntaxError as exc:
         raise ConfigError(f"syntax error: {exc.msg}", file=filename, line=exc.lineno) from None
-    except (RecursionError, MemoryError, ValueError) as exc:
+    except (RecursionError, MemoryError) as exc:
+        # CPython's parser gives up on deep nesting with these (often with no message)
+        raise ConfigError("cannot parse config: expressions nested too deeply "
+                          f"({type(exc).__name__})", file=filename) from None
+    except ValueError as exc:  # e.g. a NUL character
         raise ConfigError(f"cannot parse config: {exc}", file=filename) from None
 
 

@@ -48,6 +48,7 @@ from pydantic import BaseModel, ValidationError
 
 from gridvm.config import xmdisplay
 from gridvm.config.bootargs import parse_boot_args
+from gridvm.config.evalvalues import Limits
 from gridvm.config.model import (
     Action,
     Actions,
@@ -161,7 +162,7 @@ UNSUPPORTED_KEYS: Mapping[str, str] = {
 _BOOTLOADER = re.compile(r"(py|pv)-?grub|domUloader")
 _PVGRUB = re.compile(r"^(pv-?grub.*|grub-.*xen.*)$")
 _MAX_MIB = 16 << 20
-MAX_CONFIG_BYTES = 4 * 1_000_000  # the evaluator's 1,000,000 characters, UTF-8 at worst
+MAX_CONFIG_BYTES = 4 * Limits().max_source  # the evaluator's limit in characters, as UTF-8
 _MAX_CAP = 6400
 _MAX_PRIORITY = 1_000_000
 _ACTIONS: frozenset[str] = frozenset(get_args(Action))

@@ -69,6 +69,13 @@ class Gate:
             raise HTTPException(403, f"token {token.id} is read-only")
         return token
 
+    def admin(self, request: Request) -> Token:
+        """An admin token (reading what only admins may read, such as the audit log)."""
+        token = self.who(request)
+        if token.role != "admin":
+            raise HTTPException(403, f"token {token.id} is read-only: admins only")
+        return token
+
     def console(self, conn: HTTPConnection) -> Token:
         """A console websocket: this origin (required), an admin token."""
         if not same_origin(conn, required=True):

@@ -18,6 +18,7 @@ import socket
 import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gridvm.api.audit import Audited, PeerProtocol
 from gridvm.api.client import AppClient
 from gridvm.api.daemon import Daemon, Served, SideServer
 from gridvm.api.limits import reply_error
@@ -106,7 +107,8 @@ class WebPart:
                                                  daemon.node))
         if self.sock is None or self.cert is None:
             return []
-        config = uvicorn.Config(ConsoleOnly(daemon.app), lifespan="off", log_level="warning",
+        config = uvicorn.Config(Audited(ConsoleOnly(daemon.app), daemon.app.state.audit),
+                                lifespan="off", log_level="warning", http=PeerProtocol,
                                 ssl_certfile=str(self.cert.cert),
                                 ssl_keyfile=str(self.cert.key), timeout_graceful_shutdown=3)
         where = self.sock.getsockname()

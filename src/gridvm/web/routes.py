@@ -2,8 +2,8 @@
 (server-sent events), a domain's stats stream, tasks, and actions (which start tasks).
 
 Everything under /ui/api and /ui/ws needs a token (`gridvm.web.auth`); reads are open to any
-valid token, actions to admin tokens only. Data comes from the gridvmd API called in-process,
-so the console shows exactly what `gridvm` would.
+valid token, actions (and the audit log) to admin tokens only. Data comes from the gridvmd
+API called in-process, so the console shows exactly what `gridvm` would.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def _sse(gen: AsyncIterator[str]) -> StreamingResponse:
 def web_routes(api: AppClient, hub: Hub, tokens: TokenStore) -> APIRouter:
     gate = Gate(tokens)
     r = APIRouter(include_in_schema=False)    # the page's own API, not gridvmd's
-    reader, writer = Depends(gate.reader), Depends(gate.writer)
+    reader, writer, admin = Depends(gate.reader), Depends(gate.writer), Depends(gate.admin)
 
     # ----- the page ---------------------------------------------------------------------
 
@@ -154,6 +154,10 @@ def web_routes(api: AppClient, hub: Hub, tokens: TokenStore) -> APIRouter:
     async def task(tid: str, after: int = 0, _: Token = reader) -> dict[str, Any]:
         view: dict[str, Any] = await api.get(f"/tasks/{_q(tid)}", params={"after": after})
         return view
+
+    @r.get(PATH + "/api/audit")
+    async def audit(limit: int = 100, _: Token = admin) -> Any:
+        return await api.get("/audit", params={"limit": limit})
 
     @r.get(PATH + "/api/hosts")
     async def hosts(_: Token = reader) -> Any:
