@@ -40,8 +40,8 @@ from gridvm.config.model import DomainConfig
 from gridvm.errors import GridvmError
 from gridvm.host.manager import HostManager
 from gridvm.lb.adverts import Adverts
+from gridvm.lb.backends import LocalResolver, Location, domain_address
 from gridvm.lb.model import ServiceSpec
-from gridvm.lb.services import LocalResolver, Location, domain_address
 from gridvm.store.records import DomainRecord
 
 log = logging.getLogger("gridvm.lb")
