@@ -10,7 +10,7 @@ from pydantic import BaseModel, ValidationError
 from gridvm.db import members
 from gridvm.db.manager import DbManager
 from gridvm.db.model import CreateRequest, UserRequest
-from gridvm.errors import ConfigError
+from gridvm.errors import ConfigError, NotFound
 from gridvm.lb.model import validation_message
 
 
@@ -58,14 +58,25 @@ def db_router(db: DbManager) -> APIRouter:
         return {"done": await db.leave(name, req.host)}
 
     # between hosts: the members placed on this host
+
+    async def member_here(name: str, member: str) -> dict[str, Any]:
+        """The database's record, from the cluster store (written before its members are
+        made and deleted after them), never from the request: a caller can neither hand
+        this host settings or secrets nor name a domain that is not this host's member."""
+        record = await db.record(name)
+        here = db.node.need()[0].host
+        if (record["members"].get(member) or {}).get("host") != here:
+            raise NotFound(f"database {name} has no member {member!r} on host {here}")
+        return record
+
     @r.post("/{name}/members/{member}")
-    async def provision_member(name: str, member: str, record: dict[str, Any]
-                               ) -> dict[str, Any]:
-        await members.define_and_start(db.m, record, member)
+    async def provision_member(name: str, member: str) -> dict[str, Any]:
+        await members.define_and_start(db.m, await member_here(name, member), member)
         return {"member": member, "started": True}
 
     @r.delete("/{name}/members/{member}")
     async def remove_member(name: str, member: str) -> dict[str, Any]:
+        await member_here(name, member)
         await members.remove(db.m, member)
         return {"member": member, "removed": True}
 

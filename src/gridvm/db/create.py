@@ -143,7 +143,7 @@ class Jobs:
         db, name = self.db, record["name"]
         members = sorted(record["members"])
         await asyncio.gather(*(db.node.call(record["members"][m]["host"], "POST",
-                                            f"/v1/databases/{name}/members/{m}", record,
+                                            f"/v1/databases/{name}/members/{m}", {},
                                             timeout=180) for m in members))
         log.info("db %s: members started; waiting for their agents", name)
         await asyncio.gather(*(self._setup(record, m) for m in members))
