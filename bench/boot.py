@@ -50,6 +50,8 @@ def gridvm_round(agent: Agent, cfg: DomainConfig, ns: str) -> tuple[float, list[
 def raw_argv(gridvm_argv: list[str], rundir: Path) -> list[str]:
     """The command gridvm ran, made stand-alone: no daemonizing, its own sockets and tap."""
     argv, skip = [], False
+    dropped = {p.removeprefix("id=") for a in gridvm_argv for p in a.split(",")
+               if p.startswith("id=") and "socket," in a}      # chardevs on gridvm's sockets
     for arg in gridvm_argv:
         if skip:
             skip = False
@@ -58,6 +60,9 @@ def raw_argv(gridvm_argv: list[str], rundir: Path) -> list[str]:
             continue
         if arg in ("-pidfile", "-qmp", "-chardev", "-serial"):
             skip = True
+            continue
+        if any(f"chardev={c}" in arg.split(",") for c in dropped):   # e.g. the agent's port
+            argv.pop()          # its "-device"
             continue
         if arg.startswith("tap,"):
             arg = ",".join(p if not p.startswith("ifname=") else "ifname=rawtap0"
