@@ -65,6 +65,11 @@ def resource_routes(m: HostManager) -> APIRouter:
         await m.mem_set(ref, req.mb)
         return {"ok": True}
 
+    @r.post("/domains/{ref}/mem-limit")
+    async def mem_limit(ref: str, req: MemRequest) -> dict[str, Any]:
+        await m.mem_limit(ref, req.mb)
+        return {"ok": True}
+
     @r.post("/domains/{ref}/mem-max")
     async def mem_max(ref: str, req: MemRequest) -> dict[str, Any]:
         await m.mem_max(ref, req.mb)

@@ -85,6 +85,11 @@ def mem_set(dom: str, mb: int) -> None:
     _client().post(f"/domains/{q(dom)}/mem-set", {"mb": mb})
 
 
+def mem_limit(dom: str, mb: int) -> None:
+    """Cap a running domain's QEMU at MB MiB of host memory (its cgroup; 0 removes the cap)."""
+    _client().post(f"/domains/{q(dom)}/mem-limit", {"mb": mb})
+
+
 def mem_max(dom: str, mb: int) -> None:
     """Set a domain's maximum memory (MiB) for its next start."""
     _client().post(f"/domains/{q(dom)}/mem-max", {"mb": mb})
@@ -125,6 +130,7 @@ def network_rate(dom: str, vif: str, rate: str) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    for fn in (sched_credit, vcpu_pin, vcpu_list, mem_set, mem_max, block_throttle,
+    for fn in (sched_credit, vcpu_pin, vcpu_list, mem_set, mem_limit, mem_max,
+               block_throttle,
                network_rate):
         app.command(fn.__name__.replace("_", "-"))(fn)

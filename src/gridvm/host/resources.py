@@ -67,6 +67,8 @@ class Resources:
             await asyncio.to_thread(cg.create, name)
             await asyncio.to_thread(cg.attach, name, vm.pid)
         await self.set_sched(vm, cfg.sched.weight, cfg.sched.cap)
+        if cfg.mem_limit:
+            await self.set_mem_limit(vm, cfg.mem_limit)
         if cfg.cpus:
             await self.pin(vm, None, cfg.cpus)
         for vcpu, cpus in vm.rec.vcpu_pins.items():
@@ -160,6 +162,22 @@ class Resources:
 
     async def balloon(self, vm: Vm, mb: int) -> None:
         await vm.monitor.execute("balloon", {"value": mb * 1024 * 1024})
+
+    async def set_mem_limit(self, vm: Vm, mb: int | None) -> None:
+        """Cap the QEMU process's host memory at `mb` MiB (None: no cap) with its cgroup."""
+        if self.cgroups is None or vm.rec.domid is None:
+            raise GridvmError(f"cannot limit the memory of {vm.name}: {self.reason}")
+        limit = mb * 1024 * 1024 if mb else None
+        await asyncio.to_thread(self.cgroups.set_memory_limit, group_name(vm.rec.domid), limit)
+
+    def host_memory(self, vm: Vm) -> int | None:
+        """Host memory charged to the domain's QEMU (bytes), from its memory cgroup."""
+        if self.cgroups is None or vm.rec.domid is None:
+            return None
+        try:
+            return self.cgroups.memory_bytes(group_name(vm.rec.domid))
+        except GridvmError:
+            return None
 
     async def current_memory(self, vm: Vm) -> int | None:
         try:

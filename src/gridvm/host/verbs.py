@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from gridvm.config.model import Sched, check_name
+from gridvm.config.model import MAX_MIB, Sched, check_name
 from gridvm.errors import ConfigError, Conflict, GridvmError, NotFound
 from gridvm.host.resources import validate_sched, vif_index
 from gridvm.host.runtime import DomainRuntime
@@ -134,6 +134,17 @@ class Verbs(DomainRuntime):
                                   f"must be 16..{cfg.max_memory} (its maxmem)")
             await self.res.balloon(vm, mb)
             vm.rec.config = cfg.model_copy(update={"memory": mb})
+            self.store.put(vm.rec)
+
+    async def mem_limit(self, ref: str, mb: int) -> None:
+        """Set the host-side memory ceiling of a running domain's QEMU (0 = none)."""
+        async with self.operation(ref, "mem-limit") as vm:
+            cfg = vm.rec.config
+            if mb and not cfg.max_memory < mb <= MAX_MIB:
+                raise ConfigError(f"invalid mem_limit {mb} MiB for {cfg.name}: must be more "
+                                  f"than its maxmem ({cfg.max_memory} MiB), or 0 for none")
+            await self.res.set_mem_limit(vm, mb or None)
+            vm.rec.config = cfg.model_copy(update={"mem_limit": mb or None})
             self.store.put(vm.rec)
 
     async def mem_max(self, ref: str, mb: int) -> None:
