@@ -187,6 +187,32 @@ def test_settings_survive_daemon_restart(host: HostEnv) -> None:
     assert not groups(host, v["domid"])
 
 
+def test_mem_limit_caps_qemu_host_memory(host: HostEnv) -> None:
+    _, v = boot(host, "meml", extra="maxmem = 192\nmem_limit = 512")
+    v1 = not Path("/sys/fs/cgroup/cgroup.controllers").exists() or "memory" not in Path(
+        "/sys/fs/cgroup/cgroup.controllers").read_text()
+    control = "memory.limit_in_bytes" if v1 else "memory.max"
+    assert cgroup_value(host, v["domid"], control) == str(512 << 20)
+    assert str(v["pid"]) in cgroup_value(host, v["domid"], "cgroup.procs").split()
+    usage = int(cgroup_value(host, v["domid"], "memory.usage_in_bytes" if v1
+                             else "memory.current"))
+    assert 16 << 20 < usage < 512 << 20, f"QEMU charged {usage >> 20} MiB"
+    host.gridvm("mem-limit", "meml", "400")
+    assert cgroup_value(host, v["domid"], control) == str(400 << 20)
+    assert view(host, "meml")["config"]["mem_limit"] == 400 if "config" in view(
+        host, "meml") else True
+    bad = host.gridvm("mem-limit", "meml", "150", check=False)
+    assert bad.returncode != 0 and "more than its maxmem" in bad.stderr, bad.stderr
+    host.gridvm("mem-limit", "meml", "0")
+    assert int(cgroup_value(host, v["domid"], control).replace("max", str(1 << 62))) > 1 << 40
+    print(f"\nQEMU of a 192 MiB tiny guest charges {usage >> 20} MiB to its memory cgroup")
+    host.gridvm("destroy", "meml")
+    assert not groups(host, v["domid"])
+    cfg, _ = host.write_cfg("badlim", extra="maxmem = 192\nmem_limit = 100")
+    proc = host.gridvm("create", str(cfg), check=False)
+    assert proc.returncode != 0 and "mem_limit" in proc.stderr, proc.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

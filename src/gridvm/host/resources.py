@@ -19,6 +19,7 @@ from gridvm.host.cpulist import format_cpulist, parse_cpulist
 from gridvm.host.rates import parse_rate
 from gridvm.host.vm import Vm
 from gridvm.paths import Home
+from gridvm.qemu.argv import is_virtio_disk
 from gridvm.store.records import DomainRecord
 
 log = logging.getLogger("gridvm.resources")
@@ -190,8 +191,12 @@ class Resources:
 
     async def block_throttle(self, vm: Vm, index: int, limits: dict[str, int]) -> None:
         """Set a disk's limits (all six; 0 = unlimited) through QEMU's block throttling."""
-        vdev = vm.rec.config.disks[index].vdev   # by device id: hot-plugged disks too
-        args: dict[str, Any] = {"id": vdev, **dict.fromkeys(THROTTLE_KEYS, 0), **limits}
+        cfg = vm.rec.config
+        spec = cfg.disks[index]   # by device id: hot-plugged disks too
+        # A virtio-blk-pci proxy has no BlockBackend: name the virtio device inside it.
+        qdev = (f"/machine/peripheral/{spec.vdev}/virtio-backend"
+                if is_virtio_disk(spec, cfg.type == "hvm") else spec.vdev)
+        args: dict[str, Any] = {"id": qdev, **dict.fromkeys(THROTTLE_KEYS, 0), **limits}
         await vm.monitor.execute("block_set_io_throttle", args)
 
     async def vif_rate(self, vm: Vm, index: int, rate: str | None) -> None:
