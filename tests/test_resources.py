@@ -159,6 +159,34 @@ def test_vif_rate_shapes_guest_traffic(host: HostEnv) -> None:
     host.gridvm("destroy", "net1")
 
 
+def ping_replies(host: HostEnv, ip: str, count: int = 300, interval: float = 0.005) -> int:
+    """Echo replies the guest sent back to `count` pings from the host side of the bridge."""
+    out = subprocess.run(["ip", "netns", "exec", host.ns, "busybox", "ping", "-q", "-c", str(count),
+                          "-i", str(interval), "-W", "1", ip], capture_output=True, text=True,
+                         timeout=60).stdout
+    return int(re.search(r"(\d+) (?:packets )?received", out).group(1))  # type: ignore[union-attr]
+
+
+def test_vif_pps_polices_guest_packets(host: HostEnv) -> None:
+    ip, v = boot(host, "pps1", extra="vif = ['bridge=xenbr0, pps=50']")
+    limited = ping_replies(host, ip)           # 300 echoes in ~1.5 s; 50/s get answers out
+    host.gridvm("network-pps", "pps1", "0", "0")
+    free = ping_replies(host, ip)
+    host.gridvm("network-pps", "pps1", "0", "100")
+    live = ping_replies(host, ip)
+    print(f"\n300 pings in 1.5 s: pps=50 -> {limited} replies, none -> {free}, pps=100 -> {live}")
+    assert limited < 130 and free > 250 and limited < live < free, (limited, live, free)
+    tables = subprocess.run(["ip", "netns", "exec", host.ns, "nft", "list", "tables", "bridge"],
+                            capture_output=True, text=True, check=True).stdout
+    assert tables.count("gridvm_pps_") == 1
+    err = host.gridvm("network-pps", "pps1", "0", "20000000", check=False)
+    assert err.returncode != 0 and "invalid pps" in err.stderr, err.stderr
+    host.gridvm("destroy", "pps1")
+    tables = subprocess.run(["ip", "netns", "exec", host.ns, "nft", "list", "tables", "bridge"],
+                            capture_output=True, text=True, check=True).stdout
+    assert "gridvm_pps_" not in tables
+
+
 def groups(host: HostEnv, domid: int, control: str = "") -> list[Path]:
     """This home's cgroup directories (or files `control`) of domid."""
     parent = cgroup_parent(host.agent.home)

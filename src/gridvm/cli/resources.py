@@ -129,8 +129,13 @@ def network_rate(dom: str, vif: str, rate: str) -> None:
                    {"rate": None if rate in ("none", "0") else rate})
 
 
+def network_pps(dom: str, vif: str, pps: int) -> None:
+    """Police the packets a vif's guest sends to PPS per second (0 removes the limit)."""
+    _client().post(f"/domains/{q(dom)}/network-pps/{q(vif)}", {"pps": pps})
+
+
 def register(app: typer.Typer) -> None:
     for fn in (sched_credit, vcpu_pin, vcpu_list, mem_set, mem_limit, mem_max,
                block_throttle,
-               network_rate):
+               network_rate, network_pps):
         app.command(fn.__name__.replace("_", "-"))(fn)

@@ -134,6 +134,9 @@ class VifSpec(Strict):
     ip: str | None = Field(default=None, description="addresses the guest uses, space-separated")
     model: str | None = None
     rate: str | None = Field(default=None, description="xm rate grammar, e.g. 10Mb/s@20ms")
+    pps: int | None = Field(default=None, ge=1, le=10_000_000, description=(
+        "packets per second the guest may send; more are dropped (a small-packet flood "
+        "passes a byte rate)"))
     vifname: IfName | None = None
     slot: int | None = Field(default=None, ge=PCI_SLOTS[0], le=PCI_SLOTS[1], description=(
         "PCI slot, recorded by hotplug so the guest keeps its addresses"))

@@ -13,7 +13,7 @@ from typing import Any
 
 from gridvm.config.model import DomainConfig
 from gridvm.errors import ConfigError, GridvmError, NotFound
-from gridvm.host import shaping, vnc
+from gridvm.host import policing, shaping, vnc
 from gridvm.host.cgroups import CgroupManager
 from gridvm.host.cpulist import format_cpulist, parse_cpulist
 from gridvm.host.rates import parse_rate
@@ -77,6 +77,8 @@ class Resources:
         for tap, vif in zip(vm.rec.taps, cfg.vifs, strict=False):
             if vif.rate:
                 await asyncio.to_thread(shaping.set_rate, tap, parse_rate(vif.rate))
+            if vif.pps:
+                await asyncio.to_thread(policing.set_pps, tap, vif.pps)
         if cfg.memory < cfg.max_memory:
             await self.balloon(vm, cfg.memory)
         await vnc.apply(vm)
@@ -96,6 +98,8 @@ class Resources:
         for tap in rec.taps:
             with contextlib.suppress(GridvmError):
                 await asyncio.to_thread(shaping.set_rate, tap, None)
+            with contextlib.suppress(GridvmError):
+                await asyncio.to_thread(policing.set_pps, tap, None)
         if self.cgroups is not None and rec.domid is not None:
             try:
                 await asyncio.to_thread(self.cgroups.remove, group_name(rec.domid))
@@ -103,7 +107,7 @@ class Resources:
                 log.warning("%s: cgroup removal: %s", rec.name, exc)
 
     async def reconcile(self, live_domids: set[int]) -> None:
-        """After a restart: drop cgroups and ifbs whose domain no longer runs."""
+        """After a restart: drop cgroups, ifbs and pps tables whose domain no longer runs."""
         if self.cgroups is not None:
             for name in await asyncio.to_thread(self.cgroups.list):
                 if name.startswith("dom") and name[3:].isdigit() and int(name[3:]) in live_domids:
@@ -112,6 +116,8 @@ class Resources:
                     await asyncio.to_thread(self.cgroups.remove, name)
         with contextlib.suppress(GridvmError):
             await asyncio.to_thread(shaping.remove_orphans)
+        with contextlib.suppress(GridvmError):
+            await asyncio.to_thread(policing.remove_orphans)
 
     # ----- CPU ---------------------------------------------------------------------------
 
@@ -204,6 +210,12 @@ class Resources:
             raise NotFound(f"domain {vm.name} has no vif {index}")
         parsed = parse_rate(rate) if rate else None
         await asyncio.to_thread(shaping.set_rate, vm.rec.taps[index], parsed)
+
+
+    async def vif_pps(self, vm: Vm, index: int, pps: int | None) -> None:
+        if index >= len(vm.rec.taps):
+            raise NotFound(f"domain {vm.name} has no vif {index}")
+        await asyncio.to_thread(policing.set_pps, vm.rec.taps[index], pps)
 
 
 def _task_stat(pid: int, tid: int) -> list[str] | None:

@@ -173,6 +173,20 @@ class Verbs(DomainRuntime):
                 "disks": [new if d.vdev == vdev else d for d in cfg.disks]})
             self.store.put(vm.rec)
 
+    async def network_pps(self, ref: str, vif: str, pps: int | None) -> None:
+        """Police the packets a vif's guest sends to `pps` per second (None: no limit)."""
+        async with self.operation(ref, "network-rate") as vm:
+            cfg = vm.rec.config
+            index = vif_index(cfg, vif)
+            if pps is not None and not 1 <= pps <= 10_000_000:
+                raise ConfigError(f"invalid pps {pps}: packets per second, 1..10000000 "
+                                  "(0 removes the limit)")
+            await self.res.vif_pps(vm, index, pps)
+            vifs = list(cfg.vifs)
+            vifs[index] = vifs[index].model_copy(update={"pps": pps})
+            vm.rec.config = cfg.model_copy(update={"vifs": vifs})
+            self.store.put(vm.rec)
+
     async def network_rate(self, ref: str, vif: str, rate: str | None) -> None:
         async with self.operation(ref, "network-rate") as vm:
             cfg = vm.rec.config
