@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from network import GuestShell  # bench/network.py: shell commands over a serial console
+import network  # bench/network.py: shell commands over a serial console
 
 from gridvm.api.client import Client
 from gridvm.config.model import DomainConfig
@@ -35,6 +36,25 @@ from gridvm.images.tiny import build_tiny
 from gridvm.lab.agent import Agent
 from gridvm.paths import Home
 from gridvm.qemu.accel import probe_kvm
+
+
+class GuestShell(network.GuestShell):
+    """network.GuestShell that says what the console showed when a command times out."""
+
+    def run(self, cmd: str, timeout: float = 300) -> str:
+        tag = os.urandom(4).hex()
+        self.sock.sendall(f"{cmd}\necho END{tag}''DONE\n".encode())
+        marker = f"END{tag}DONE".encode()
+        buf = b""
+        deadline = time.monotonic() + timeout
+        while marker not in buf:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"guest command timed out: {cmd[:80]}; console: "
+                                   f"{buf[-300:].decode(errors='replace')!r}")
+            with contextlib.suppress(TimeoutError):
+                buf += self.sock.recv(65536)
+        return buf.decode(errors="replace")
+
 
 __all__ = ["GuestShell", "Lab", "lab", "load", "loadavg", "percentiles", "kvm_probe"]
 
@@ -103,6 +123,8 @@ def lab(accel: str = "tcg", subnet_octet: int = 57) -> Iterator[Lab]:
     subnet = f"10.{subnet_octet}.{os.getpid() % 250}"
     work = Path(tempfile.mkdtemp(prefix="gridvm-bench-"))
     agent = Agent(work / "home", ns=ns, accel=accel, images=Home.resolve().images)
+    # a bench stopped by `timeout` or ^C still tears its namespace and guests down
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     netns.create(ns)
     client: Client | None = None
     try:
@@ -183,7 +205,17 @@ def _loadgen(host: str, port: int, seconds: float, concurrency: int) -> dict[str
     p50, p99 = percentiles(lat)
     return {"requests": len(lat) - errors, "errors": errors, "seconds": round(wall, 2),
             "rps": round((len(lat) - errors) / wall, 1), "p50_ms": round(p50 * 1000, 1),
-            "p99_ms": round(p99 * 1000, 1)}
+            "p99_ms": round(p99 * 1000, 1), "lat_ms": [round(x * 1000, 2) for x in lat]}
+
+
+def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several load runs as one: rates over total time, percentiles over all latencies."""
+    lat = [x for r in runs for x in r["lat_ms"]]
+    ok, secs = sum(r["requests"] for r in runs), sum(r["seconds"] for r in runs)
+    p50, p99 = percentiles(lat)
+    return {"requests": ok, "errors": sum(r["errors"] for r in runs), "seconds": round(secs, 2),
+            "rps": round(ok / secs, 1) if secs else 0.0, "p50_ms": round(p50, 1),
+            "p99_ms": round(p99, 1), "load1": max(r.get("load1", 0.0) for r in runs)}
 
 
 if __name__ == "__main__":
