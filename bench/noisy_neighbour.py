@@ -282,7 +282,7 @@ def main() -> None:
     t0 = time.monotonic()
     result = run_bench(quick=args.quick, accel=args.accel, attacks=args.attack, say=say)
     result["wall_seconds"] = round(time.monotonic() - t0, 1)
-    result["command"] = "bench/noisy_neighbour.py " + " ".join(sys.argv[1:])
+    result["command"] = " ".join(["bench/noisy_neighbour.py", *sys.argv[1:]])
     if args.save:
         with contextlib.suppress(OSError), open(args.save, "w") as f:
             json.dump(result, f, indent=2)
