@@ -234,8 +234,9 @@ def main() -> None:
     runs = [measure("tcg", args.quick, say)]
     if ok:
         runs.append(measure("kvm", args.quick, say))
-    result = {"kvm_probe": why, "runs": runs, "control": control(args.control, say),
-              "load_before": load_before, "load_after": guestlab.loadavg()}
+    result: dict[str, Any] = {"kvm_probe": why, "runs": runs,
+                              "control": control(args.control, say),
+                              "load_before": load_before, "load_after": guestlab.loadavg()}
     result["under_load"] = max(float(result["load_before"].split(",")[0]),
                                float(result["load_after"].split(",")[0])) > 2.5
     result["wall_seconds"] = round(time.monotonic() - t0, 1)
