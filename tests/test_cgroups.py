@@ -161,6 +161,50 @@ def test_usage_grows_and_remove_cleans_every_hierarchy(mgr: CgroupManager, spawn
     mgr.remove("dom2")  # idempotent
 
 
+HOG = """
+import sys, time
+blocks = []
+for _ in range(int(sys.argv[1])):
+    blocks.append(bytearray(1 << 20))
+    time.sleep(0.005)
+print("survived", flush=True)
+time.sleep(30)
+"""
+
+
+@real
+def test_memory_limit_is_a_hard_ceiling(mgr: CgroupManager) -> None:
+    """A process charged to a group with a limit is killed when it needs more (no swap)."""
+    mgr.create("mem1")
+    mgr.set_memory_limit("mem1", 96 << 20)
+    limit_file = "memory.limit_in_bytes" if mgr.version == 1 else "memory.max"
+    assert read_back(mgr, "mem1", limit_file) == str(96 << 20)
+    procs = []
+    for mib in (40, 300):
+        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)\n" + HOG,
+                                 str(mib)], stdout=subprocess.PIPE, text=True)
+        mgr.attach("mem1", proc.pid)
+        procs.append(proc)
+        line = proc.stdout.readline() if proc.stdout else ""
+        if mib == 40:
+            assert line == "survived\n"
+            assert 35 << 20 < mgr.memory_bytes("mem1") <= 96 << 20
+            proc.kill()
+            proc.wait(timeout=10)
+    hog = procs[1]
+    assert hog.wait(timeout=30) == -9, "a 300 MiB process survived a 96 MiB limit"
+    mgr.set_memory_limit("mem1", None)
+    assert int(read_back(mgr, "mem1", limit_file).replace("max", str(1 << 62))) > 1 << 40
+    with pytest.raises(ConfigError, match="invalid memory limit"):
+        mgr.set_memory_limit("mem1", 4096)
+
+
+def read_back(mgr: CgroupManager, name: str, control: str) -> str:
+    found = [p for p in Path("/sys/fs/cgroup").glob(f"**/{mgr.parent}/{name}/{control}")]
+    assert found, f"no {control} for {name}"
+    return found[0].read_text().strip()
+
+
 @real
 def test_invalid_inputs(mgr: CgroupManager, spawn: Spawn) -> None:
     mgr.create("dom3")
@@ -236,6 +280,8 @@ V2_FILES = {
     "cpu.max": "max 100000\n",
     "cpu.stat": "usage_usec 1234\nuser_usec 1000\nsystem_usec 234\n",
     "cpuset.cpus": "",
+    "memory.max": "max\n",
+    "memory.current": "4096\n",
 }
 
 
@@ -257,8 +303,8 @@ def test_v2_fake_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     mgr.create("dom1")
     group = root / "gridvm/abc123/dom1"
     for level in (root, root / "gridvm", root / "gridvm/abc123"):
-        assert (level / "cgroup.subtree_control").read_text() == "+cpu +cpuset"
-    assert (group / "cgroup.controllers").read_text() == "cpu cpuset"
+        assert (level / "cgroup.subtree_control").read_text() == "+cpu +cpuset +memory"
+    assert (group / "cgroup.controllers").read_text() == "cpu cpuset memory"
     assert mgr.exists("dom1") and mgr.list() == ["dom1"]
 
     for weight, expected in ((256, "100"), (512, "200"), (1, "1"), (65535, "10000")):
@@ -276,6 +322,11 @@ def test_v2_fake_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert (group / "cgroup.procs").read_text() == "4242"
     assert mgr.pids("dom1") == [4242]
     assert mgr.cpu_usage_ns("dom1") == 1_234_000
+    mgr.set_memory_limit("dom1", 300 << 20)
+    assert (group / "memory.max").read_text() == str(300 << 20)
+    mgr.set_memory_limit("dom1", None)
+    assert (group / "memory.max").read_text() == "max"
+    assert mgr.memory_bytes("dom1") == 4096
 
     mgr.remove("dom1")
     assert not group.exists()

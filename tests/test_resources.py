@@ -159,6 +159,34 @@ def test_vif_rate_shapes_guest_traffic(host: HostEnv) -> None:
     host.gridvm("destroy", "net1")
 
 
+def ping_replies(host: HostEnv, ip: str, count: int = 300, interval: float = 0.005) -> int:
+    """Echo replies the guest sent back to `count` pings from the host side of the bridge."""
+    out = subprocess.run(["ip", "netns", "exec", host.ns, "busybox", "ping", "-q", "-c", str(count),
+                          "-i", str(interval), "-W", "1", ip], capture_output=True, text=True,
+                         timeout=60).stdout
+    return int(re.search(r"(\d+) (?:packets )?received", out).group(1))  # type: ignore[union-attr]
+
+
+def test_vif_pps_polices_guest_packets(host: HostEnv) -> None:
+    ip, v = boot(host, "pps1", extra="vif = ['bridge=xenbr0, pps=50']")
+    limited = ping_replies(host, ip)           # 300 echoes in ~1.5 s; 50/s get answers out
+    host.gridvm("network-pps", "pps1", "0", "0")
+    free = ping_replies(host, ip)
+    host.gridvm("network-pps", "pps1", "0", "100")
+    live = ping_replies(host, ip)
+    print(f"\n300 pings in 1.5 s: pps=50 -> {limited} replies, none -> {free}, pps=100 -> {live}")
+    assert limited < 130 and free > 250 and limited < live < free, (limited, live, free)
+    tables = subprocess.run(["ip", "netns", "exec", host.ns, "nft", "list", "tables", "bridge"],
+                            capture_output=True, text=True, check=True).stdout
+    assert tables.count("gridvm_pps_") == 1
+    err = host.gridvm("network-pps", "pps1", "0", "20000000", check=False)
+    assert err.returncode != 0 and "invalid pps" in err.stderr, err.stderr
+    host.gridvm("destroy", "pps1")
+    tables = subprocess.run(["ip", "netns", "exec", host.ns, "nft", "list", "tables", "bridge"],
+                            capture_output=True, text=True, check=True).stdout
+    assert "gridvm_pps_" not in tables
+
+
 def groups(host: HostEnv, domid: int, control: str = "") -> list[Path]:
     """This home's cgroup directories (or files `control`) of domid."""
     parent = cgroup_parent(host.agent.home)
@@ -185,6 +213,32 @@ def test_settings_survive_daemon_restart(host: HostEnv) -> None:
     assert cgroup_value(host, v["domid"], control) == before
     host.gridvm("destroy", "keep2")
     assert not groups(host, v["domid"])
+
+
+def test_mem_limit_caps_qemu_host_memory(host: HostEnv) -> None:
+    _, v = boot(host, "meml", extra="maxmem = 192\nmem_limit = 512")
+    v1 = not Path("/sys/fs/cgroup/cgroup.controllers").exists() or "memory" not in Path(
+        "/sys/fs/cgroup/cgroup.controllers").read_text()
+    control = "memory.limit_in_bytes" if v1 else "memory.max"
+    assert cgroup_value(host, v["domid"], control) == str(512 << 20)
+    assert str(v["pid"]) in cgroup_value(host, v["domid"], "cgroup.procs").split()
+    usage = int(cgroup_value(host, v["domid"], "memory.usage_in_bytes" if v1
+                             else "memory.current"))
+    assert 16 << 20 < usage < 512 << 20, f"QEMU charged {usage >> 20} MiB"
+    host.gridvm("mem-limit", "meml", "400")
+    assert cgroup_value(host, v["domid"], control) == str(400 << 20)
+    assert view(host, "meml")["config"]["mem_limit"] == 400 if "config" in view(
+        host, "meml") else True
+    bad = host.gridvm("mem-limit", "meml", "150", check=False)
+    assert bad.returncode != 0 and "more than its maxmem" in bad.stderr, bad.stderr
+    host.gridvm("mem-limit", "meml", "0")
+    assert int(cgroup_value(host, v["domid"], control).replace("max", str(1 << 62))) > 1 << 40
+    print(f"\nQEMU of a 192 MiB tiny guest charges {usage >> 20} MiB to its memory cgroup")
+    host.gridvm("destroy", "meml")
+    assert not groups(host, v["domid"])
+    cfg, _ = host.write_cfg("badlim", extra="maxmem = 192\nmem_limit = 100")
+    proc = host.gridvm("create", str(cfg), check=False)
+    assert proc.returncode != 0 and "mem_limit" in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize(

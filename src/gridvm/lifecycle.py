@@ -122,6 +122,7 @@ VERBS: dict[str, frozenset[DomainState]] = {
     "destroy": RESIDENT,
     "vcpu-pin": RESIDENT,
     "mem-set": RESIDENT,
+    "mem-limit": RESIDENT,
     "block-throttle": RESIDENT,
     "network-rate": RESIDENT,
     "rename": RESIDENT | {S.SHUTOFF},

@@ -33,6 +33,10 @@ class ThrottleRequest(BaseModel):
     iops_wr: int | None = None
 
 
+class PpsRequest(BaseModel):
+    pps: int | None = None
+
+
 class RateRequest(BaseModel):
     rate: str | None = None
 
@@ -65,6 +69,11 @@ def resource_routes(m: HostManager) -> APIRouter:
         await m.mem_set(ref, req.mb)
         return {"ok": True}
 
+    @r.post("/domains/{ref}/mem-limit")
+    async def mem_limit(ref: str, req: MemRequest) -> dict[str, Any]:
+        await m.mem_limit(ref, req.mb)
+        return {"ok": True}
+
     @r.post("/domains/{ref}/mem-max")
     async def mem_max(ref: str, req: MemRequest) -> dict[str, Any]:
         await m.mem_max(ref, req.mb)
@@ -74,6 +83,11 @@ def resource_routes(m: HostManager) -> APIRouter:
     async def throttle(ref: str, vdev: str, req: ThrottleRequest) -> dict[str, Any]:
         limits = {k: v for k, v in req.model_dump().items() if v is not None}
         await m.block_throttle(ref, vdev, limits)
+        return {"ok": True}
+
+    @r.post("/domains/{ref}/network-pps/{vif}")
+    async def pps(ref: str, vif: str, req: PpsRequest) -> dict[str, Any]:
+        await m.network_pps(ref, vif, req.pps or None)
         return {"ok": True}
 
     @r.post("/domains/{ref}/network-rate/{vif}")

@@ -85,6 +85,11 @@ def mem_set(dom: str, mb: int) -> None:
     _client().post(f"/domains/{q(dom)}/mem-set", {"mb": mb})
 
 
+def mem_limit(dom: str, mb: int) -> None:
+    """Cap a running domain's QEMU at MB MiB of host memory (its cgroup; 0 removes the cap)."""
+    _client().post(f"/domains/{q(dom)}/mem-limit", {"mb": mb})
+
+
 def mem_max(dom: str, mb: int) -> None:
     """Set a domain's maximum memory (MiB) for its next start."""
     _client().post(f"/domains/{q(dom)}/mem-max", {"mb": mb})
@@ -124,7 +129,13 @@ def network_rate(dom: str, vif: str, rate: str) -> None:
                    {"rate": None if rate in ("none", "0") else rate})
 
 
+def network_pps(dom: str, vif: str, pps: int) -> None:
+    """Police the packets a vif's guest sends to PPS per second (0 removes the limit)."""
+    _client().post(f"/domains/{q(dom)}/network-pps/{q(vif)}", {"pps": pps})
+
+
 def register(app: typer.Typer) -> None:
-    for fn in (sched_credit, vcpu_pin, vcpu_list, mem_set, mem_max, block_throttle,
-               network_rate):
+    for fn in (sched_credit, vcpu_pin, vcpu_list, mem_set, mem_limit, mem_max,
+               block_throttle,
+               network_rate, network_pps):
         app.command(fn.__name__.replace("_", "-"))(fn)

@@ -138,6 +138,9 @@ class VifSpec(Strict):
     ip: str | None = Field(default=None, description="addresses the guest uses, space-separated")
     model: str | None = None
     rate: str | None = Field(default=None, description="xm rate grammar, e.g. 10Mb/s@20ms")
+    pps: int | None = Field(default=None, ge=1, le=10_000_000, description=(
+        "packets per second the guest may send; more are dropped (a small-packet flood "
+        "passes a byte rate)"))
     vifname: IfName | None = None
     slot: int | None = Field(default=None, ge=PCI_SLOTS[0], le=PCI_SLOTS[1], description=(
         "PCI slot, recorded by hotplug so the guest keeps its addresses"))
@@ -265,6 +268,9 @@ class DomainConfig(Strict):
     memory: int = Field(default=128, ge=16, le=MAX_MIB, description="MiB at start")
     maxmem: int | None = Field(default=None, ge=16, le=MAX_MIB,
                                description="MiB ceiling for ballooning")
+    mem_limit: int | None = Field(default=None, ge=16, le=MAX_MIB, description=(
+        "MiB: hard ceiling on the QEMU process's host memory (its cgroup), guest RAM and "
+        "QEMU's own; more than maxmem"))
     vcpus: int = Field(default=1, ge=1, le=MAX_VCPUS)
     maxvcpus: int | None = Field(default=None, ge=1, le=MAX_VCPUS,
                                  description="vCPUs vcpu-set may bring online (xl maxvcpus)")
@@ -338,6 +344,9 @@ class DomainConfig(Strict):
         twice = next((s for s in slots if slots.count(s) > 1), None)
         if twice is not None:
             raise ValueError(f"PCI slot {twice} used twice")
+        if self.mem_limit is not None and self.mem_limit <= self.max_memory:
+            raise ValueError(f"mem_limit {self.mem_limit} MiB must be more than maxmem "
+                             f"{self.max_memory} MiB (QEMU needs room of its own)")
         if self.maxvcpus is not None and self.maxvcpus < self.vcpus:
             raise ValueError(f"vcpus {self.vcpus} is more than maxvcpus {self.maxvcpus}")
         return self

@@ -25,7 +25,7 @@ Variables (`gridvm create web.cfg vmid=3`) are names visible to the file (string
 
 Keys read: name uuid memory maxmem vcpus cpus builder type kernel ramdisk root extra cmdline
 disk vif ip netmask gateway hostname dhcp on_poweroff on_reboot on_crash restart (xm's
-deprecated onreboot/always/never) cpu_weight cpu_cap weight cap serial boot ha ha_priority
+deprecated onreboot/always/never) cpu_weight cpu_cap weight cap mem_limit serial boot ha ha_priority
 ha_group hosts bootloader bootloader_args (bootargs) guest_vars, and (`gridvm.config.xmdisplay`)
 maxvcpus vnc vnclisten vncdisplay vncunused vncpasswd vfb stdvga vga; a PV-GRUB `kernel`
 (pv-grub-*.gz) becomes pygrub with `extra` as its menu.lst. `IGNORED_KEYS` are accepted silently
@@ -239,7 +239,7 @@ class _Reader:
             self.bad(key, value, str(exc))
         if number < 1:
             self.bad(key, value, "must be at least 1")
-        if key in ("memory", "maxmem") and number > _MAX_MIB:
+        if key in ("memory", "maxmem", "mem_limit") and number > _MAX_MIB:
             self.bad(key, value, f"more than {_MAX_MIB} MiB (16 TiB)")
         self.set(key, key, number)
 
@@ -500,6 +500,7 @@ _HANDLERS: dict[str, Callable[[_Reader, str, object], None]] = {
     "uuid": _Reader.k_str,
     "memory": _Reader.k_int,
     "maxmem": _Reader.k_int,
+    "mem_limit": _Reader.k_int,
     "vcpus": _Reader.k_int,
     "cpus": _Reader.k_cpus,
     "builder": _Reader.k_builder,

@@ -301,7 +301,7 @@ _VIF_IGNORED = {"type", "script", "backend", "accel", "devid", "gatewaydev", "fo
 
 
 def parse_vif(spec: str, warnings: list[str] | None = None) -> VifSpec:
-    """One vif entry: `mac=..., bridge=..., ip=..., model=..., rate=..., vifname=...`.
+    """One vif entry: `mac=..., bridge=..., ip=..., model=..., rate=..., pps=..., vifname=...`.
 
     `type=`, `script=` and other backend details are ignored silently; `''` is a default vif.
     """

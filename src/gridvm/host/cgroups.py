@@ -5,6 +5,10 @@ unified one (v2) or the v1 `cpu`, `cpuacct` and `cpuset` hierarchies (which may
 be mounted separately or together). The version is chosen at run time: v2 if
 the unified hierarchy offers the `cpu` controller, else v1.
 
+Memory groups (v1) nest under the daemon's own memory cgroup rather than the hierarchy's root,
+so a limit put on the service still covers its guests. `set_memory_limit` is a hard ceiling on a
+QEMU's host memory (guest RAM it touched plus QEMU's own), which Xen enforces by construction.
+
 Xen semantics: `weight` is a relative share (1..65535, default 256) and `cap`
 a ceiling in percent of one CPU (0 = none). Calls are blocking file I/O (remove()
 may wait up to 2 s for exiting tasks): run them in a worker thread from asyncio code.
@@ -36,8 +40,8 @@ __all__ = [
 ]
 
 CFS_PERIOD_US = 100_000
-V1_CONTROLLERS = ("cpu", "cpuacct", "cpuset")
-V2_CONTROLLERS = ("cpu", "cpuset")
+V1_CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory")
+V2_CONTROLLERS = ("cpu", "cpuset", "memory")
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:@+-]{0,127}")
 _REMOVE_TIMEOUT = 2.0
 
@@ -166,6 +170,12 @@ class CgroupManager:
         self._mounts = list(
             dict.fromkeys(self._roots[c] for c in V1_CONTROLLERS if c in self._roots)
         )
+        # where the parent group is made in each hierarchy: its root, except v1 memory
+        self._base: dict[Path, Path] = {m: m for m in self._mounts}
+        memory = self._roots.get("memory")
+        if self.version == 1 and mounts is None and memory not in (None, self._roots["cpu"]):
+            assert memory is not None
+            self._base[memory] = memory / own_cgroup("memory").lstrip("/")
 
     # -- public API --
 
@@ -228,6 +238,22 @@ class CgroupManager:
             self._inherit_cpuset(path, "cpuset.mems")
         write_control(path / "cpuset.cpus", format_cpulist(chosen))
 
+    def set_memory_limit(self, name: str, limit_bytes: int | None) -> None:
+        """Hard ceiling on the group's memory (None = none); reclaims down to it at once."""
+        if limit_bytes is not None and (isinstance(limit_bytes, bool) or limit_bytes < 1 << 20):
+            raise ConfigError(f"invalid memory limit {limit_bytes!r}: at least 1 MiB")
+        path = self._dir("memory", name)
+        if self.version == 1:
+            value = str(limit_bytes) if limit_bytes is not None else "-1"
+            write_control(path / "memory.limit_in_bytes", value)
+        else:
+            write_control(path / "memory.max", str(limit_bytes or "max"))
+
+    def memory_bytes(self, name: str) -> int:
+        """Memory charged to the group now (bytes)."""
+        control = "memory.usage_in_bytes" if self.version == 1 else "memory.current"
+        return int(read_control(self._dir("memory", name) / control))
+
     def cpu_usage_ns(self, name: str) -> int:
         """CPU time consumed by the group so far, in nanoseconds."""
         if self.version == 1:
@@ -246,13 +272,13 @@ class CgroupManager:
     def exists(self, name: str) -> bool:
         """Whether the group exists in any hierarchy."""
         _check_name(name)
-        return any((mount / self.parent / name).is_dir() for mount in self._mounts)
+        return any((self._base[m] / self.parent / name).is_dir() for m in self._mounts)
 
     def list(self) -> builtins.list[str]:
         """Names of the existing domain groups (in any hierarchy)."""
         names: set[str] = set()
         for mount in self._mounts:
-            base = mount / self.parent
+            base = self._base[mount] / self.parent
             if base.is_dir():
                 names.update(
                     p.name for p in base.iterdir() if p.is_dir() and _NAME.fullmatch(p.name)
@@ -270,13 +296,13 @@ class CgroupManager:
         for name in self.list():
             self.remove(name)
         for mount in self._mounts:
-            _rmdir(mount / self.parent)
+            _rmdir(self._base[mount] / self.parent)
 
     # -- internals --
 
     def _dirs(self, name: str, *, require_all: bool = False) -> builtins.list[Path]:
         _check_name(name)
-        dirs = [mount / self.parent / name for mount in self._mounts]
+        dirs = [self._base[mount] / self.parent / name for mount in self._mounts]
         present = [d for d in dirs if d.is_dir()]
         if not present or (require_all and len(present) != len(dirs)):
             raise NotFound(f"no cgroup {name!r} under {self.parent}")
@@ -287,15 +313,16 @@ class CgroupManager:
         mount = self._roots.get(controller)
         if mount is None:
             raise CgroupError(f"the {controller} controller is not mounted")
-        path = mount / self.parent / name
+        path = self._base[mount] / self.parent / name
         if not path.is_dir():
             raise NotFound(f"no cgroup {name!r} under {self.parent}")
         return path
 
     def _create_in(self, mount: Path, name: str) -> None:
         """Make parent chain and group in one hierarchy, setting what each level needs."""
-        path = mount
+        path = self._base[mount]
         is_cpuset = mount == self._roots.get("cpuset")
+        is_memory = mount == self._roots.get("memory")
         for part in [*self.parent.split("/"), name]:
             if self.version == 2:
                 self._enable_controllers(path)
@@ -304,6 +331,10 @@ class CgroupManager:
             if self.version == 1 and is_cpuset:
                 self._inherit_cpuset(path, "cpuset.cpus")
                 self._inherit_cpuset(path, "cpuset.mems")
+        if self.version == 1 and is_memory:
+            # a QEMU attached after start brings the guest RAM it already touched along
+            with suppress(CgroupError):
+                write_control(path / "memory.move_charge_at_immigrate", "3")
 
     def _enable_controllers(self, path: Path) -> None:
         """v2: delegate cpu (and cpuset, if offered) to the children of `path`."""
@@ -327,13 +358,14 @@ class CgroupManager:
             write_control(path / control, read_control(path.parent / control))
 
     def _remove_in(self, mount: Path, name: str) -> None:
-        path = mount / self.parent / name
+        base = self._base[mount]
+        path = base / self.parent / name
         tasks = "tasks" if self.version == 1 else "cgroup.procs"
         deadline = time.monotonic() + _REMOVE_TIMEOUT
         while path.is_dir():
             for task in read_control(path / tasks).split():
                 try:
-                    write_control(mount / tasks, task)
+                    write_control(base / tasks, task)
                 except CgroupError as exc:
                     if exc.errno != ESRCH:
                         raise
@@ -343,6 +375,16 @@ class CgroupManager:
                 if exc.errno != EBUSY or time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
+
+
+def own_cgroup(controller: str, proc: str = "/proc/self/cgroup") -> str:
+    """This process's group path in the v1 hierarchy holding `controller` ("/" if unknown)."""
+    with suppress(OSError):
+        for line in Path(proc).read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if controller in controllers.split(","):
+                return path
+    return "/"
 
 
 def _check_name(name: str) -> None:

@@ -13,12 +13,13 @@ from typing import Any
 
 from gridvm.config.model import DomainConfig
 from gridvm.errors import ConfigError, GridvmError, NotFound
-from gridvm.host import shaping, vnc
+from gridvm.host import policing, shaping, vnc
 from gridvm.host.cgroups import CgroupManager
 from gridvm.host.cpulist import format_cpulist, parse_cpulist
 from gridvm.host.rates import parse_rate
 from gridvm.host.vm import Vm
 from gridvm.paths import Home
+from gridvm.qemu.argv import is_virtio_disk
 from gridvm.store.records import DomainRecord
 
 log = logging.getLogger("gridvm.resources")
@@ -67,6 +68,8 @@ class Resources:
             await asyncio.to_thread(cg.create, name)
             await asyncio.to_thread(cg.attach, name, vm.pid)
         await self.set_sched(vm, cfg.sched.weight, cfg.sched.cap)
+        if cfg.mem_limit:
+            await self.set_mem_limit(vm, cfg.mem_limit)
         if cfg.cpus:
             await self.pin(vm, None, cfg.cpus)
         for vcpu, cpus in vm.rec.vcpu_pins.items():
@@ -74,6 +77,8 @@ class Resources:
         for tap, vif in zip(vm.rec.taps, cfg.vifs, strict=False):
             if vif.rate:
                 await asyncio.to_thread(shaping.set_rate, tap, parse_rate(vif.rate))
+            if vif.pps:
+                await asyncio.to_thread(policing.set_pps, tap, vif.pps)
         if cfg.memory < cfg.max_memory:
             await self.balloon(vm, cfg.memory)
         await vnc.apply(vm)
@@ -93,6 +98,8 @@ class Resources:
         for tap in rec.taps:
             with contextlib.suppress(GridvmError):
                 await asyncio.to_thread(shaping.set_rate, tap, None)
+            with contextlib.suppress(GridvmError):
+                await asyncio.to_thread(policing.set_pps, tap, None)
         if self.cgroups is not None and rec.domid is not None:
             try:
                 await asyncio.to_thread(self.cgroups.remove, group_name(rec.domid))
@@ -100,7 +107,7 @@ class Resources:
                 log.warning("%s: cgroup removal: %s", rec.name, exc)
 
     async def reconcile(self, live_domids: set[int]) -> None:
-        """After a restart: drop cgroups and ifbs whose domain no longer runs."""
+        """After a restart: drop cgroups, ifbs and pps tables whose domain no longer runs."""
         if self.cgroups is not None:
             for name in await asyncio.to_thread(self.cgroups.list):
                 if name.startswith("dom") and name[3:].isdigit() and int(name[3:]) in live_domids:
@@ -109,6 +116,8 @@ class Resources:
                     await asyncio.to_thread(self.cgroups.remove, name)
         with contextlib.suppress(GridvmError):
             await asyncio.to_thread(shaping.remove_orphans)
+        with contextlib.suppress(GridvmError):
+            await asyncio.to_thread(policing.remove_orphans)
 
     # ----- CPU ---------------------------------------------------------------------------
 
@@ -161,6 +170,22 @@ class Resources:
     async def balloon(self, vm: Vm, mb: int) -> None:
         await vm.monitor.execute("balloon", {"value": mb * 1024 * 1024})
 
+    async def set_mem_limit(self, vm: Vm, mb: int | None) -> None:
+        """Cap the QEMU process's host memory at `mb` MiB (None: no cap) with its cgroup."""
+        if self.cgroups is None or vm.rec.domid is None:
+            raise GridvmError(f"cannot limit the memory of {vm.name}: {self.reason}")
+        limit = mb * 1024 * 1024 if mb else None
+        await asyncio.to_thread(self.cgroups.set_memory_limit, group_name(vm.rec.domid), limit)
+
+    def host_memory(self, vm: Vm) -> int | None:
+        """Host memory charged to the domain's QEMU (bytes), from its memory cgroup."""
+        if self.cgroups is None or vm.rec.domid is None:
+            return None
+        try:
+            return self.cgroups.memory_bytes(group_name(vm.rec.domid))
+        except GridvmError:
+            return None
+
     async def current_memory(self, vm: Vm) -> int | None:
         try:
             info = await vm.monitor.execute("query-balloon", timeout=2)
@@ -172,8 +197,12 @@ class Resources:
 
     async def block_throttle(self, vm: Vm, index: int, limits: dict[str, int]) -> None:
         """Set a disk's limits (all six; 0 = unlimited) through QEMU's block throttling."""
-        vdev = vm.rec.config.disks[index].vdev   # by device id: hot-plugged disks too
-        args: dict[str, Any] = {"id": vdev, **dict.fromkeys(THROTTLE_KEYS, 0), **limits}
+        cfg = vm.rec.config
+        spec = cfg.disks[index]   # by device id: hot-plugged disks too
+        # A virtio-blk-pci proxy has no BlockBackend: name the virtio device inside it.
+        qdev = (f"/machine/peripheral/{spec.vdev}/virtio-backend"
+                if is_virtio_disk(spec, cfg.type == "hvm") else spec.vdev)
+        args: dict[str, Any] = {"id": qdev, **dict.fromkeys(THROTTLE_KEYS, 0), **limits}
         await vm.monitor.execute("block_set_io_throttle", args)
 
     async def vif_rate(self, vm: Vm, index: int, rate: str | None) -> None:
@@ -181,6 +210,12 @@ class Resources:
             raise NotFound(f"domain {vm.name} has no vif {index}")
         parsed = parse_rate(rate) if rate else None
         await asyncio.to_thread(shaping.set_rate, vm.rec.taps[index], parsed)
+
+
+    async def vif_pps(self, vm: Vm, index: int, pps: int | None) -> None:
+        if index >= len(vm.rec.taps):
+            raise NotFound(f"domain {vm.name} has no vif {index}")
+        await asyncio.to_thread(policing.set_pps, vm.rec.taps[index], pps)
 
 
 def _task_stat(pid: int, tid: int) -> list[str] | None:

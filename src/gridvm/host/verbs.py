@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from gridvm.config.model import Sched, check_name
+from gridvm.config.model import MAX_MIB, Sched, check_name
 from gridvm.errors import ConfigError, Conflict, GridvmError, NotFound
 from gridvm.host.resources import validate_sched, vif_index
 from gridvm.host.runtime import DomainRuntime
@@ -136,6 +136,17 @@ class Verbs(DomainRuntime):
             vm.rec.config = cfg.model_copy(update={"memory": mb})
             self.store.put(vm.rec)
 
+    async def mem_limit(self, ref: str, mb: int) -> None:
+        """Set the host-side memory ceiling of a running domain's QEMU (0 = none)."""
+        async with self.operation(ref, "mem-limit") as vm:
+            cfg = vm.rec.config
+            if mb and not cfg.max_memory < mb <= MAX_MIB:
+                raise ConfigError(f"invalid mem_limit {mb} MiB for {cfg.name}: must be more "
+                                  f"than its maxmem ({cfg.max_memory} MiB), or 0 for none")
+            await self.res.set_mem_limit(vm, mb or None)
+            vm.rec.config = cfg.model_copy(update={"mem_limit": mb or None})
+            self.store.put(vm.rec)
+
     async def mem_max(self, ref: str, mb: int) -> None:
         """Set the memory ceiling used from the next start."""
         rec = self.lookup(ref)
@@ -160,6 +171,20 @@ class Verbs(DomainRuntime):
             new = cfg.disks[found[0]].model_copy(update={k: (v or None) for k, v in limits.items()})
             vm.rec.config = cfg.model_copy(update={
                 "disks": [new if d.vdev == vdev else d for d in cfg.disks]})
+            self.store.put(vm.rec)
+
+    async def network_pps(self, ref: str, vif: str, pps: int | None) -> None:
+        """Police the packets a vif's guest sends to `pps` per second (None: no limit)."""
+        async with self.operation(ref, "network-rate") as vm:
+            cfg = vm.rec.config
+            index = vif_index(cfg, vif)
+            if pps is not None and not 1 <= pps <= 10_000_000:
+                raise ConfigError(f"invalid pps {pps}: packets per second, 1..10000000 "
+                                  "(0 removes the limit)")
+            await self.res.vif_pps(vm, index, pps)
+            vifs = list(cfg.vifs)
+            vifs[index] = vifs[index].model_copy(update={"pps": pps})
+            vm.rec.config = cfg.model_copy(update={"vifs": vifs})
             self.store.put(vm.rec)
 
     async def network_rate(self, ref: str, vif: str, rate: str | None) -> None:
