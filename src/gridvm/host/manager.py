@@ -15,7 +15,7 @@ from typing import Any
 
 from gridvm import __version__
 from gridvm.errors import GridvmError, QemuError
-from gridvm.host import hostinfo, links, procs
+from gridvm.host import confine, hostinfo, links, procs
 from gridvm.host.devices import live_taps
 from gridvm.host.runtime import NetPlug, PlainBridges, log
 from gridvm.host.saverestore import SaveRestore
@@ -94,6 +94,8 @@ class HostManager(Supervisor, Verbs, SaveRestore):
             return
         rec.taps = await live_taps(monitor, rec.config, qemu_taps(procs.cmdline(pid)))
         vm = Vm(rec, pid, rundir, monitor, self.home.tag)
+        uid = confine.process_uid(pid)
+        vm.uid = uid if uid in confine.uid_range() else None
         self.vms[rec.uuid] = vm
         await self.res.adopt(vm)
         status = await vm.status()

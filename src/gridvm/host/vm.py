@@ -48,6 +48,7 @@ class Vm:
         self.rec = rec
         self.tag = tag                       # the alias of the taps this host made for it
         self.pid = pid
+        self.uid: int | None = None          # a confined QEMU's uid (gridvm.host.confine)
         self.rundir = rundir
         self.monitor = monitor
         self.lock = asyncio.Lock()          # one state-changing operation at a time
