@@ -13,6 +13,7 @@ launch is stale and taken over.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import grp
 import json
@@ -29,6 +30,7 @@ from gridvm.config.model import DiskSpec, DomainConfig
 from gridvm.errors import GridvmError, QemuError
 from gridvm.host import procs
 from gridvm.qemu.confine import Confined, DiskFds, has_sandbox
+from gridvm.qemu.qmp import Monitor
 
 log = logging.getLogger("gridvm.confine")
 
@@ -186,6 +188,43 @@ def _open_tun() -> None:
             log.warning("%s is not 0666 (the kernel's default): making it so for unprivileged "
                         "QEMUs", TUN)
             TUN.chmod(0o666)
+
+
+async def hand_disk(mon: Monitor, target: str, fmt: str, *, writable: bool) -> DiskFds:
+    """Give a running confined QEMU an image and its backing files as fd sets (QMP add-fd);
+    its blockdev-add then names /dev/fdset/N. Nothing stays open here."""
+    block = Path(target).is_block_device()
+    chain = await asyncio.to_thread(_backing_chain, target, fmt)
+    layers = [(target, [os.O_RDWR, os.O_RDONLY] if writable else [os.O_RDONLY], fmt)]
+    layers += [(path, [os.O_RDONLY], f) for path, f in chain]
+    sets: list[tuple[int, str]] = []
+    for path, modes, f in layers:
+        fdset: int | None = None
+        for mode in modes:
+            try:
+                fd = os.open(path, mode | os.O_CLOEXEC)
+            except OSError as exc:
+                raise GridvmError(f"cannot open {path}: {exc.strerror}") from None
+            try:
+                fdset = await mon.add_fd(fd, path, fdset)
+            finally:
+                os.close(fd)
+        assert fdset is not None
+        sets.append((fdset, f))
+    return DiskFds(sets[0][0], sets[1:], block)
+
+
+async def drop_disk(mon: Monitor, fds: DiskFds) -> None:
+    """Forget the fd sets of `hand_disk` (after a failed blockdev-add)."""
+    for fdset in [fds.fdset, *(f for f, _ in fds.backing)]:
+        with contextlib.suppress(QemuError):
+            await mon.execute("remove-fd", {"fdset-id": fdset})
+
+
+def give(path: Path, uid: int | None) -> None:
+    """A file gridvmd made in a confined QEMU's run dir becomes the QEMU's."""
+    if uid is not None:
+        os.chown(path, uid, uid)
 
 
 def prepare(cfg: DomainConfig, rundir: Path, uid: int, binary: str) -> Launch:

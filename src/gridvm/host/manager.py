@@ -26,6 +26,7 @@ from gridvm.host.vm import Vm, qemu_taps
 from gridvm.lifecycle import BUSY, LIVE, DomainState
 from gridvm.paths import Home
 from gridvm.qemu import accel as accelmod
+from gridvm.qemu.confine import rundir_fd
 from gridvm.qemu.qmp import Monitor
 from gridvm.store.records import DomainRecord, Store
 
@@ -95,7 +96,8 @@ class HostManager(Supervisor, Verbs, SaveRestore):
         rec.taps = await live_taps(monitor, rec.config, qemu_taps(procs.cmdline(pid)))
         vm = Vm(rec, pid, rundir, monitor, self.home.tag)
         uid = confine.process_uid(pid)
-        vm.uid = uid if uid in confine.uid_range() else None
+        if uid in confine.uid_range():
+            vm.uid, vm.dirfd = uid, rundir_fd(procs.cmdline(pid))
         self.vms[rec.uuid] = vm
         await self.res.adopt(vm)
         status = await vm.status()

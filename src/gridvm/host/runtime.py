@@ -248,11 +248,12 @@ class DomainRuntime:
                     raise QemuError(f"QEMU for {cfg.name} wrote no pid file")
                 await monitor.connect(timeout=10)
             else:
-                pid = await self._spawn_confined(booted, rundir, taps, uid, monitor,
-                                                 paused=paused and incoming is None,
-                                                 incoming=incoming is not None)
+                pid, dirfd = await self._spawn_confined(booted, rundir, taps, uid, monitor,
+                                                        paused=paused and incoming is None,
+                                                        incoming=incoming is not None)
             vm = Vm(rec, pid, rundir, monitor, self.home.tag)
-            vm.uid = uid
+            if uid is not None:
+                vm.uid, vm.dirfd = uid, dirfd
             status = await vm.status()
             await self.res.apply(vm)
         except BaseException as exc:
@@ -280,10 +281,10 @@ class DomainRuntime:
 
     async def _spawn_confined(self, cfg: DomainConfig, rundir: Path, taps: list[str],
                               uid: int, monitor: Monitor, *, paused: bool,
-                              incoming: bool) -> int:
+                              incoming: bool) -> tuple[int, int]:
         """Start QEMU as `uid` with its files as descriptors (gridvm.host.confine) and
-        connect `monitor`; return its pid. A QEMU that exits while starting is an error
-        with the tail of its output."""
+        connect `monitor`; return its pid and run-dir descriptor. A QEMU that exits while
+        starting is an error with the tail of its output."""
         launch = await asyncio.to_thread(confine.prepare, cfg, rundir, uid, self.qemu)
         try:
             argv = build_argv(self.qemu, cfg, accel=self.accel, rundir=rundir, taps=taps,
@@ -300,7 +301,7 @@ class DomainRuntime:
             if connect in done:
                 connect.result()
                 (rundir / "qemu.pid").write_text(f"{proc.pid}\n")
-                return proc.pid
+                return proc.pid, launch.spec.dirfd
             raise QemuError(f"QEMU failed to start domain {cfg.name}: "
                             f"{confine.log_tail(rundir)}")
         except BaseException:
