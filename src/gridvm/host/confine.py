@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import grp
 import json
 import logging
 import os
 import shutil
+import struct
 import subprocess
 import threading
 import time
@@ -27,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gridvm.config.model import DiskSpec, DomainConfig
-from gridvm.errors import GridvmError, QemuError
+from gridvm.errors import Conflict, GridvmError, QemuError
 from gridvm.host import procs
 from gridvm.qemu.confine import Confined, DiskFds, has_sandbox
 from gridvm.qemu.qmp import Monitor
@@ -111,6 +113,27 @@ def release_uid(uid: int | None, owner: str) -> None:
             path.unlink()
 
 
+# QEMU's image locks (block/file-posix.c): byte 100+P says "I use permission P", byte 200+P
+# "nobody else may use P"; P = 1 is write. Held as OFD locks on an open file description.
+_F_OFD_GETLK, _F_OFD_SETLK = 36, 37
+_FLOCK = struct.Struct("hhqqixxxx")
+_WRITE_USED, _WRITE_DENIED = 101, 201
+
+
+def lock_writer(fd: int, path: str) -> None:
+    """Take QEMU's "writing, others may not write" locks on `fd` (a read-write descriptor a
+    confined QEMU inherits: the locks live as long as QEMU holds it), refusing a disk that
+    another QEMU or qemu-img is using — what QEMU's own locking would have done."""
+    for byte in (_WRITE_USED, _WRITE_DENIED):
+        probe = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, byte, 1, 0)
+        got = _FLOCK.unpack(fcntl.fcntl(fd, _F_OFD_GETLK, probe))
+        if got[0] != fcntl.F_UNLCK:
+            raise Conflict(f"disk {path} is in use (another QEMU or qemu-img has it open "
+                           "for writing)")
+    for byte in (_WRITE_USED, _WRITE_DENIED):
+        fcntl.fcntl(fd, _F_OFD_SETLK, _FLOCK.pack(fcntl.F_RDLCK, os.SEEK_SET, byte, 1, 0))
+
+
 def _backing_chain(target: str, fmt: str) -> list[tuple[str, str]]:
     """(filename, format) of each backing layer of a qcow2 image, top down."""
     if fmt != "qcow2":
@@ -147,7 +170,10 @@ class Launch:
             [os.O_RDWR, os.O_RDONLY]
         fdset: int | None = None
         for mode in modes:
-            fdset = self.spec.add(self._open(spec.target, mode), spec.target, fdset)
+            fd = self._open(spec.target, mode)
+            if mode == os.O_RDWR:
+                lock_writer(fd, spec.target)
+            fdset = self.spec.add(fd, spec.target, fdset)
         assert fdset is not None
         backing = []
         for path, fmt in _backing_chain(spec.target, spec.format):
@@ -206,6 +232,8 @@ async def hand_disk(mon: Monitor, target: str, fmt: str, *, writable: bool) -> D
             except OSError as exc:
                 raise GridvmError(f"cannot open {path}: {exc.strerror}") from None
             try:
+                if mode == os.O_RDWR:
+                    lock_writer(fd, path)
                 fdset = await mon.add_fd(fd, path, fdset)
             finally:
                 os.close(fd)
@@ -219,6 +247,19 @@ async def drop_disk(mon: Monitor, fds: DiskFds) -> None:
     for fdset in [fds.fdset, *(f for f, _ in fds.backing)]:
         with contextlib.suppress(QemuError):
             await mon.execute("remove-fd", {"fdset-id": fdset})
+
+
+async def forget_file(mon: Monitor, path: str) -> None:
+    """Close the descriptors QEMU holds for `path` in its fd sets (after a disk left)."""
+    try:
+        sets = await mon.execute("query-fdsets")
+    except QemuError as exc:
+        log.warning("cannot list QEMU's fd sets: %s", exc)
+        return
+    for fdset in sets:
+        if any(f.get("opaque") == path for f in fdset.get("fds", [])):
+            with contextlib.suppress(QemuError):
+                await mon.execute("remove-fd", {"fdset-id": fdset["fdset-id"]})
 
 
 def give(path: Path, uid: int | None) -> None:

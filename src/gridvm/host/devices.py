@@ -188,6 +188,8 @@ class Devices:
                                "domain runs")
             base = await self._recorded(vm)
             await hotplug.remove_disk(vm.monitor, vdev)
+            if vm.uid is not None:     # its descriptors (and so its write locks) go too
+                await confine.forget_file(vm.monitor, spec.target)
             self._save(vm.rec, validated(base, disks=[d.model_dump() for d in base.disks
                                                       if d.vdev != vdev]))
             log.info("%s: detached %s", vm.name, vdev)

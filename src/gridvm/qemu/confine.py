@@ -43,7 +43,13 @@ def rundir_fd(argv: list[str]) -> int | None:
 
 @dataclass(frozen=True)
 class DiskFds:
-    """One disk as fd sets: the image's set and one per backing layer (top down)."""
+    """One disk as fd sets: the image's set and one per backing layer (top down).
+
+    The image's own file node runs with `locking=off`: QEMU 7.2 switches a writable image
+    between its read-only and read-write descriptors as permissions change (a mirror job
+    does), and with two descriptors from an fd set its lock check then fails against its
+    own locks and aborts. gridvmd takes QEMU's locks for it instead, on the read-write
+    descriptor QEMU keeps (gridvm.host.confine.lock_writer)."""
 
     fdset: int
     backing: list[tuple[int, str]] = field(default_factory=list)   # (fdset, format)
@@ -54,6 +60,7 @@ class DiskFds:
         opts: dict[str, object] = {"file": f"/dev/fdset/{self.fdset}"}
         if self.block:
             opts["file.driver"] = "host_device"
+        opts["file.locking"] = "off"
         prefix = "backing."
         for fdset, fmt in self.backing:
             opts[prefix + "driver"] = fmt
@@ -65,7 +72,7 @@ class DiskFds:
         """The `file` and `backing` members of a blockdev-add for this disk."""
         out: dict[str, object] = {"file": {
             "driver": "host_device" if self.block else "file",
-            "filename": f"/dev/fdset/{self.fdset}", "aio": "threads"}}
+            "filename": f"/dev/fdset/{self.fdset}", "aio": "threads", "locking": "off"}}
         node = out
         for fdset, fmt in self.backing:
             child: dict[str, object] = {"driver": fmt, "read-only": True, "file": {
