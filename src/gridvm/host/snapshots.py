@@ -196,9 +196,9 @@ class Snapshots:
         return self._record(path, tree, cfg, name, memory=False, state="shutoff",
                             consistency="offline", stall=None)
 
-    async def _convert_live(self, vm: Vm, node: str, size: int, new: str) -> None:
+    async def _convert_live(self, vm: Vm, vdev: str, node: str, size: int, new: str) -> None:
         """A raw disk copied into qcow2 image `new` while the guest runs; a confined QEMU
-        gets the image gridvmd made, as descriptors."""
+        gets the image gridvmd made, as descriptors, opened as node vbd-VDEV-qcow2."""
         if vm.uid is None:
             await blockops.convert_live(vm.monitor, node, new)
             return
@@ -207,9 +207,19 @@ class Snapshots:
         await qemuimg.create(new, "qcow2", size)
         try:
             fds = await confine.hand_disk(vm.monitor, new, "qcow2", writable=True)
-            await blockops.convert_live(vm.monitor, node, f"/dev/fdset/{fds.fdset}",
-                                        existing=True)
+            target = hotplug.converted_node(vdev)
+            await vm.monitor.execute("blockdev-add", {
+                "driver": "qcow2", "node-name": target, "cache": {"direct": True},
+                **fds.blockdev_file()})
+            try:
+                await blockops.convert_live(vm.monitor, node, target, target_node=True)
+            except BaseException:
+                with contextlib.suppress(GridvmError):
+                    await vm.monitor.execute("blockdev-del", {"node-name": target})
+                raise
         except BaseException:
+            with contextlib.suppress(GridvmError):
+                await confine.forget_file(vm.monitor, new)
             Path(new).unlink(missing_ok=True)
             raise
 
@@ -222,7 +232,7 @@ class Snapshots:
                                      for v, n in nodes.items()})
         for d in raw:
             new = _qcow2_path(d.target)
-            await self._convert_live(vm, nodes[d.vdev].node, nodes[d.vdev].size, new)
+            await self._convert_live(vm, d.vdev, nodes[d.vdev].node, nodes[d.vdev].size, new)
             self._save(vm.rec, _retarget(vm.rec.config, d.vdev, new))
             log.info("%s: converted %s to %s while it ran", vm.name, d.target, new)
         if raw:

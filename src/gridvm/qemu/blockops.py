@@ -72,16 +72,19 @@ async def remove_bitmaps(mon: Monitor, node: str, names: list[str]) -> None:
 
 
 async def convert_live(mon: Monitor, node: str, target: str, *,
-                       existing: bool = False) -> None:
-    """Copy a disk into a new qcow2 image `target` (with `existing`, one already made, e.g.
-    /dev/fdset/N) while the guest runs, then switch the guest over to it (drive-mirror,
-    block-job-complete)."""
+                       target_node: bool = False) -> None:
+    """Copy a disk into a new qcow2 image `target` (with `target_node`, into the block node
+    of that name, already added) while the guest runs, then switch the guest over to it
+    (drive-mirror or blockdev-mirror, block-job-complete)."""
     job = f"gv-convert-{next(_ids)}"
     async with mon.listen("BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_ERROR") as ev:
-        await mon.execute("drive-mirror", {"job-id": job, "device": node, "target": target,
-                                           "format": "qcow2", "sync": "full",
-                                           "mode": "existing" if existing
-                                           else "absolute-paths"})
+        if target_node:
+            await mon.execute("blockdev-mirror", {"job-id": job, "device": node,
+                                                  "target": target, "sync": "full"})
+        else:
+            await mon.execute("drive-mirror", {"job-id": job, "device": node,
+                                               "target": target, "format": "qcow2",
+                                               "sync": "full", "mode": "absolute-paths"})
         completing = False
         while True:
             try:

@@ -159,12 +159,18 @@ async def add_disk(mon: Monitor, spec: DiskSpec, slot: int, queues: int,
         await mon.execute("block_set_io_throttle", {"id": spec.vdev, **limits})
 
 
+def converted_node(vdev: str) -> str:
+    """The node a raw disk converted to qcow2 while running lives on (a confined QEMU's)."""
+    return f"{drive_id(vdev)}-qcow2"
+
+
 async def remove_disk(mon: Monitor, vdev: str) -> None:
     """Unplug a disk and drop its node (a -drive disk's backend goes with its device)."""
     await wait_deleted(mon, vdev, f"disk {vdev}")
     nodes = {n["node-name"] for n in await mon.execute("query-named-block-nodes")}
-    if drive_id(vdev) in nodes:
-        await mon.execute("blockdev-del", {"node-name": drive_id(vdev)})
+    for node in (drive_id(vdev), converted_node(vdev)):
+        if node in nodes:
+            await mon.execute("blockdev-del", {"node-name": node})
 
 
 # ----- NICs -------------------------------------------------------------------------------
