@@ -164,14 +164,14 @@ class Launch:
         self.opened.append(fd)
         return fd
 
-    def add_disk(self, spec: DiskSpec) -> None:
+    def add_disk(self, spec: DiskSpec, *, lock: bool = True) -> None:
         block = Path(spec.target).is_block_device()
         modes = [os.O_RDONLY] if spec.mode == "r" or spec.devtype == "cdrom" else \
             [os.O_RDWR, os.O_RDONLY]
         fdset: int | None = None
         for mode in modes:
             fd = self._open(spec.target, mode)
-            if mode == os.O_RDWR:
+            if mode == os.O_RDWR and lock:
                 lock_writer(fd, spec.target)
             fdset = self.spec.add(fd, spec.target, fdset)
         assert fdset is not None
@@ -268,9 +268,12 @@ def give(path: Path, uid: int | None) -> None:
         os.chown(path, uid, uid)
 
 
-def prepare(cfg: DomainConfig, rundir: Path, uid: int, binary: str) -> Launch:
+def prepare(cfg: DomainConfig, rundir: Path, uid: int, binary: str, *,
+            lock: bool = True) -> Launch:
     """Give the run dir to `uid` and open everything QEMU needs for `cfg` (its disks and
-    boot files); on failure nothing stays open."""
+    boot files); on failure nothing stays open. Without `lock` (a live migration's
+    destination, which opens shared disks while the source still writes them) its disks
+    carry no write locks."""
     for dirpath, _dirs, files in os.walk(rundir):
         os.chown(dirpath, uid, uid)
         for name in files:
@@ -286,7 +289,7 @@ def prepare(cfg: DomainConfig, rundir: Path, uid: int, binary: str) -> Launch:
         launch.spec.dirfd = launch._open(str(rundir), os.O_RDONLY | os.O_DIRECTORY)
         for d in cfg.disks:
             if d.target:
-                launch.add_disk(d)
+                launch.add_disk(d, lock=lock)
         if cfg.kernel:
             launch.spec.kernel = launch.boot_file(cfg.kernel)
         if cfg.ramdisk:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import shutil
 import time
@@ -250,7 +251,7 @@ class DomainRuntime:
             else:
                 pid, dirfd = await self._spawn_confined(booted, rundir, taps, uid, monitor,
                                                         paused=paused and incoming is None,
-                                                        incoming=incoming is not None)
+                                                        incoming=incoming)
             vm = Vm(rec, pid, rundir, monitor, self.home.tag)
             if uid is not None:
                 vm.uid, vm.dirfd = uid, dirfd
@@ -281,14 +282,15 @@ class DomainRuntime:
 
     async def _spawn_confined(self, cfg: DomainConfig, rundir: Path, taps: list[str],
                               uid: int, monitor: Monitor, *, paused: bool,
-                              incoming: bool) -> tuple[int, int]:
+                              incoming: DomainState | None) -> tuple[int, int]:
         """Start QEMU as `uid` with its files as descriptors (gridvm.host.confine) and
         connect `monitor`; return its pid and run-dir descriptor. A QEMU that exits while
         starting is an error with the tail of its output."""
-        launch = await asyncio.to_thread(confine.prepare, cfg, rundir, uid, self.qemu)
+        launch = await asyncio.to_thread(functools.partial(
+            confine.prepare, cfg, rundir, uid, self.qemu, lock=incoming is not S.INCOMING))
         try:
             argv = build_argv(self.qemu, cfg, accel=self.accel, rundir=rundir, taps=taps,
-                              incoming=incoming, confined=launch.spec)
+                              incoming=incoming is not None, confined=launch.spec)
             if paused:
                 argv.append("-S")
             proc = confine.spawn(argv, launch, kvm=self.accel == "kvm")
