@@ -135,14 +135,15 @@ def lock_writer(fd: int, path: str) -> None:
 
 
 def _backing_chain(target: str, fmt: str) -> list[tuple[str, str]]:
-    """(filename, format) of each backing layer of a qcow2 image, top down."""
+    """(filename, format) of each backing layer of a qcow2 image, top down (none for an
+    image qemu-img cannot read: QEMU then says what is wrong with it)."""
     if fmt != "qcow2":
         return []
     try:
         out = procs.run(["qemu-img", "info", "-U", "--backing-chain", "--output=json",
                          "-f", fmt, target], timeout=60).stdout
-    except procs.CommandError as exc:
-        raise GridvmError(f"disk {target}: {exc}") from None
+    except procs.CommandError:
+        return []
     return [(str(layer["filename"]), str(layer.get("format", "raw")))
             for layer in json.loads(out)[1:]]
 
