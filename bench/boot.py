@@ -23,6 +23,7 @@ from gridvm.host import httpprobe, links, netdevs, netns, procs
 from gridvm.images.tiny import build_tiny
 from gridvm.lab.agent import Agent
 from gridvm.paths import Home
+from gridvm.qemu.confine import standalone_argv
 
 SUBNET = "10.56.0"
 
@@ -50,7 +51,7 @@ def gridvm_round(agent: Agent, cfg: DomainConfig, ns: str) -> tuple[float, list[
 def raw_argv(gridvm_argv: list[str], rundir: Path) -> list[str]:
     """The command gridvm ran, made stand-alone: no daemonizing, its own sockets and tap."""
     argv, skip = [], False
-    for arg in gridvm_argv:
+    for arg in standalone_argv(gridvm_argv):
         if skip:
             skip = False
             continue

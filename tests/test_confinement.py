@@ -121,3 +121,31 @@ def test_qemu_runs_as_its_own_uid_under_seccomp(host: HostEnv, tmp_path: Path) -
     claims = {p.name for p in confine.CLAIMS.iterdir()} if confine.CLAIMS.exists() else set()
     assert not claims & {str(u) for u in uids}, "uid claims left behind"
     assert os.geteuid() == 0
+
+
+def test_standalone_argv_gives_paths_back(tmp_path: Path) -> None:
+    """The benchmarks replay a confined QEMU's command by hand: descriptors become paths."""
+    from gridvm.config.model import DomainConfig
+    from gridvm.qemu.argv import build_argv
+    from gridvm.qemu.confine import Confined, DiskFds, standalone_argv
+
+    cfg = DomainConfig.model_validate({
+        "name": "sa", "kernel": "/k,1", "memory": 64,
+        "disks": [{"target": "/d/a.qcow2", "vdev": "xvda", "format": "qcow2"}]})
+    c = Confined(tmp_path / "run", 17)
+    top = c.add(20, "/d/a.qcow2")
+    c.add(21, "/d/a.qcow2", top)
+    base = c.add(22, "/d/base.img")
+    c.add(23, "/k,1")
+    c.kernel = "/proc/self/fd/23"
+    c.disks["xvda"] = DiskFds(top, [(base, "raw")])
+    argv = build_argv("qemu", cfg, accel="tcg", rundir=tmp_path / "run", taps=[], confined=c)
+    assert "-sandbox" in argv and "/proc/self/fd/23" in argv
+    plain = standalone_argv(argv)
+    text = " ".join(plain)
+    assert "fdset" not in text and "/proc/self" not in text and "-add-fd" not in plain
+    assert "-sandbox" not in plain and "gridvm-rundir" not in text
+    assert plain[plain.index("-kernel") + 1] == "/k,1"
+    assert f"unix:{tmp_path}/run/qmp.sock,server=on" in text
+    assert "file=/d/a.qcow2,file.locking=off" in text
+    assert "backing.file.filename=/d/base.img" in text

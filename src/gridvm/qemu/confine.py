@@ -10,6 +10,7 @@ initrd as inherited descriptors. Anything else, by path, is refused by the kerne
 from __future__ import annotations
 
 import functools
+import re
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,7 +91,6 @@ class Confined:
     rundir: Path
     dirfd: int
     sandbox: bool = True
-    inherit: list[int] = field(default_factory=list)     # kernel, initrd
     fdsets: dict[int, list[tuple[int, str]]] = field(default_factory=dict)
     disks: dict[str, DiskFds] = field(default_factory=dict)
     kernel: str | None = None
@@ -109,8 +109,7 @@ class Confined:
     @property
     def fds(self) -> list[int]:
         """Every descriptor QEMU inherits."""
-        return [self.dirfd, *self.inherit,
-                *(fd for members in self.fdsets.values() for fd, _ in members)]
+        return [self.dirfd, *(fd for members in self.fdsets.values() for fd, _ in members)]
 
     def args(self) -> list[str]:
         """`-sandbox`, the run-dir marker (re-adoption finds QEMU by its run dir) and
@@ -121,3 +120,39 @@ class Confined:
             for fd, label in members:
                 argv += ["-add-fd", f"fd={fd},set={fdset},opaque={label.replace(',', ',,')}"]
         return argv
+
+
+def standalone_argv(argv: list[str]) -> list[str]:
+    """A confined QEMU's command line with paths for its descriptors again (for running
+    it by hand, as the benchmarks do): fd sets and inherited files by their labels, run-dir
+    files under the run dir; no -add-fd, -sandbox or run-dir marker."""
+    labels: dict[str, str] = {}
+    rundir = ""
+    out: list[str] = []
+    for flag, value in zip(argv, argv[1:], strict=False):
+        if flag == "-add-fd":
+            opts = dict(o.partition("=")[::2] for o in value.replace(",,", "\0").split(","))
+            label = opts.get("opaque", "").replace("\0", ",")
+            labels[f"/dev/fdset/{opts['set']}"] = labels[f"/proc/self/fd/{opts['fd']}"] = label
+        elif flag == "-object" and value.startswith("secret,id=gridvm-rundir,data="):
+            rundir = value.split("data=", 1)[1].replace(",,", ",")
+    dirfd = rundir_fd(argv)
+    skip = False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        nxt = argv[i + 1] if i + 1 < len(argv) else ""
+        if arg in ("-add-fd", "-sandbox") or (arg == "-object" and "gridvm-rundir" in nxt):
+            skip = True
+            continue
+        if dirfd is not None:
+            arg = arg.replace(f"/proc/self/fd/{dirfd}/", rundir.replace(",", ",,") + "/")
+        if arg in labels:                # a whole path (-kernel): no option escaping
+            out.append(labels[arg])
+            continue
+        for fdpath, label in labels.items():
+            arg = re.sub(re.escape(fdpath) + r"(?![0-9])",
+                         label.replace(",", ",,").replace("\\", "\\\\"), arg)
+        out.append(arg)
+    return out
