@@ -136,7 +136,7 @@ def test_standalone_argv_gives_paths_back(tmp_path: Path) -> None:
     top = c.add(20, "/d/a.qcow2")
     c.add(21, "/d/a.qcow2", top)
     base = c.add(22, "/d/base.img")
-    c.add(23, "/k,1")
+    c.inherit[23] = "/k,1"
     c.kernel = "/proc/self/fd/23"
     c.disks["xvda"] = DiskFds(top, [(base, "raw")])
     argv = build_argv("qemu", cfg, accel="tcg", rundir=tmp_path / "run", taps=[], confined=c)

@@ -193,7 +193,7 @@ class Launch:
             os.chown(copy, self.uid, self.uid)
             return self.spec.run(copy.name)
         fd = self._open(str(p), os.O_RDONLY)
-        self.spec.add(fd, str(p))      # an fd set only for its label (see standalone_argv)
+        self.spec.inherit[fd] = str(p)
         return f"/proc/self/fd/{fd}"
 
     def close(self) -> None:

@@ -91,6 +91,7 @@ class Confined:
     rundir: Path
     dirfd: int
     sandbox: bool = True
+    inherit: dict[int, str] = field(default_factory=dict)   # kernel, initrd: fd -> path
     fdsets: dict[int, list[tuple[int, str]]] = field(default_factory=dict)
     disks: dict[str, DiskFds] = field(default_factory=dict)
     kernel: str | None = None
@@ -109,13 +110,17 @@ class Confined:
     @property
     def fds(self) -> list[int]:
         """Every descriptor QEMU inherits."""
-        return [self.dirfd, *(fd for members in self.fdsets.values() for fd, _ in members)]
+        return [self.dirfd, *self.inherit,
+                *(fd for members in self.fdsets.values() for fd, _ in members)]
 
     def args(self) -> list[str]:
-        """`-sandbox`, the run-dir marker (re-adoption finds QEMU by its run dir) and
-        `-add-fd` for every fd set."""
+        """`-sandbox`, the run-dir marker (re-adoption finds QEMU by its run dir), labels
+        of the inherited files and `-add-fd` for every fd set (-add-fd moves a descriptor:
+        the inherited kernel and initrd cannot be in sets)."""
         argv = ["-sandbox", SANDBOX] if self.sandbox else []
         argv += ["-object", f"secret,id=gridvm-rundir,data={str(self.rundir).replace(',', ',,')}"]
+        for fd, path in sorted(self.inherit.items()):     # labels (see standalone_argv)
+            argv += ["-object", f"secret,id=gridvm-fd{fd},data={path.replace(',', ',,')}"]
         for fdset, members in sorted(self.fdsets.items()):
             for fd, label in members:
                 argv += ["-add-fd", f"fd={fd},set={fdset},opaque={label.replace(',', ',,')}"]
@@ -136,6 +141,9 @@ def standalone_argv(argv: list[str]) -> list[str]:
             labels[f"/dev/fdset/{opts['set']}"] = labels[f"/proc/self/fd/{opts['fd']}"] = label
         elif flag == "-object" and value.startswith("secret,id=gridvm-rundir,data="):
             rundir = value.split("data=", 1)[1].replace(",,", ",")
+        elif flag == "-object" and value.startswith("secret,id=gridvm-fd"):
+            fd = value.split(",", 2)[1].removeprefix("id=gridvm-fd")
+            labels[f"/proc/self/fd/{fd}"] = value.split("data=", 1)[1].replace(",,", ",")
     dirfd = rundir_fd(argv)
     skip = False
     for i, arg in enumerate(argv):
@@ -143,7 +151,7 @@ def standalone_argv(argv: list[str]) -> list[str]:
             skip = False
             continue
         nxt = argv[i + 1] if i + 1 < len(argv) else ""
-        if arg in ("-add-fd", "-sandbox") or (arg == "-object" and "gridvm-rundir" in nxt):
+        if arg in ("-add-fd", "-sandbox") or (arg == "-object" and "id=gridvm-" in nxt):
             skip = True
             continue
         if dirfd is not None:
