@@ -134,6 +134,15 @@ def lock_writer(fd: int, path: str) -> None:
         fcntl.fcntl(fd, _F_OFD_SETLK, _FLOCK.pack(fcntl.F_RDLCK, os.SEEK_SET, byte, 1, 0))
 
 
+def release_owner(owner: str) -> None:
+    """Give back whatever uid `owner` claimed (its QEMU is gone and its uid unknown)."""
+    with contextlib.suppress(OSError):
+        for path in CLAIMS.iterdir():
+            with contextlib.suppress(OSError):
+                if path.read_text() == owner:
+                    path.unlink()
+
+
 def _backing_chain(target: str, fmt: str) -> list[tuple[str, str]]:
     """(filename, format) of each backing layer of a qcow2 image, top down (none for an
     image qemu-img cannot read: QEMU then says what is wrong with it)."""

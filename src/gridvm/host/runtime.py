@@ -367,6 +367,7 @@ class DomainRuntime:
         """Re-adoption found the domain's QEMU gone: free what it held and retire it."""
         await self.res.release(rec)
         await release(rec.name, rec.taps, rundir, self.home.tag)
+        await asyncio.to_thread(confine.release_owner, f"{self.home.tag} {rec.uuid}")
         # Mid-migration the other host may run it: never have it restarted for that.
         reason = "migration-unknown" if rec.state in (S.MIGRATING, S.INCOMING) else "gone"
         if rec.state is not S.SHUTOFF:
