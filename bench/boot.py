@@ -23,6 +23,7 @@ from gridvm.host import httpprobe, links, netdevs, netns, procs
 from gridvm.images.tiny import build_tiny
 from gridvm.lab.agent import Agent
 from gridvm.paths import Home
+from gridvm.qemu.confine import standalone_argv
 
 SUBNET = "10.56.0"
 
@@ -50,9 +51,10 @@ def gridvm_round(agent: Agent, cfg: DomainConfig, ns: str) -> tuple[float, list[
 def raw_argv(gridvm_argv: list[str], rundir: Path) -> list[str]:
     """The command gridvm ran, made stand-alone: no daemonizing, its own sockets and tap."""
     argv, skip = [], False
-    dropped = {p.removeprefix("id=") for a in gridvm_argv for p in a.split(",")
+    plain = standalone_argv(gridvm_argv)
+    dropped = {p.removeprefix("id=") for a in plain for p in a.split(",")
                if p.startswith("id=") and "socket," in a}      # chardevs on gridvm's sockets
-    for arg in gridvm_argv:
+    for arg in plain:
         if skip:
             skip = False
             continue

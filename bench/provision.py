@@ -40,6 +40,7 @@ from gridvm.lab.agent import Agent
 from gridvm.provision import clone as clones
 from gridvm.provision.debian import build_debian
 from gridvm.provision.recipe import Recipe
+from gridvm.qemu.confine import standalone_argv
 from gridvm.qemu.guestagent import AgentError, GuestAgent
 
 SUBNET = "10.57.0"
@@ -126,7 +127,7 @@ def hand_argv(argv: list[str], *, disk: Path, boot: Path, rundir: Path, tmp: Pat
               tap: str, mac: str) -> list[str]:
     """gridvm's QEMU command made stand-alone: its own disk copy, kernel, sockets, tap, MAC."""
     out: list[str] = []
-    it = iter(argv)
+    it = iter(standalone_argv(argv))
     for arg in it:
         if arg == "-daemonize":
             continue

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from gridvm.config.model import DiskSpec, DomainConfig
 from gridvm.errors import Conflict, GridvmError, QemuError
-from gridvm.host import qemuimg
+from gridvm.host import confine, qemuimg
 from gridvm.host.chunkstore import CHUNK, ZERO, ChunkStore, Index, digest, store_error
 from gridvm.host.vm import Vm
 from gridvm.qemu import hotplug
@@ -274,9 +274,10 @@ class Backups:
             for p in plans:
                 overlay = vm.rundir / f"fleece-{p.vdev}.qcow2"
                 await qemuimg.create(str(overlay), "qcow2", p.size)
+                confine.give(overlay, vm.uid)
                 await mon.execute("blockdev-add", {
                     "driver": "qcow2", "node-name": f"fleece-{p.vdev}",
-                    "file": {"driver": "file", "filename": str(overlay)},
+                    "file": {"driver": "file", "filename": vm.qemu_path(overlay)},
                     "backing": nodes[p.vdev].node})
                 fleeces.append(p.vdev)
             actions: list[dict[str, Any]] = []
@@ -294,8 +295,8 @@ class Backups:
             consistency = await self._point_in_time(vm, actions)
             started = True
             jobs = [f"fleece-{p.vdev}" for p in plans]
-            await mon.execute("nbd-server-start", {"addr": {"type": "unix",
-                                                            "data": {"path": str(sock)}}})
+            await mon.execute("nbd-server-start", {"addr": {"type": "unix", "data": {
+                "path": vm.qemu_path(sock)}}})
             for p in plans:
                 await mon.execute("block-export-add", {
                     "type": "nbd", "id": f"backup-{p.vdev}", "node-name": f"fleece-{p.vdev}",

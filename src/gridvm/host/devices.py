@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from gridvm.config.macs import assign_macs
 from gridvm.config.model import DiskSpec, DomainConfig, VifSpec
 from gridvm.errors import ConfigError, Conflict, GridvmError, NotFound
-from gridvm.host import links, shaping
+from gridvm.host import confine, links, shaping
 from gridvm.host.resources import vif_index
 from gridvm.host.vm import Vm
 from gridvm.images.store import template_of
@@ -154,7 +154,16 @@ class Devices:
             spec = spec.model_copy(update={"slot": hotplug.free_slot(used)})
             new = validated(base, disks=[*base.model_dump()["disks"], spec.model_dump()])
             assert spec.slot is not None
-            await hotplug.add_disk(vm.monitor, spec, spec.slot, base.max_vcpus)
+            fds = None
+            if vm.uid is not None:     # confined: QEMU gets the image as descriptors
+                fds = await confine.hand_disk(vm.monitor, spec.target, spec.format,
+                                              writable=spec.mode == "w")
+            try:
+                await hotplug.add_disk(vm.monitor, spec, spec.slot, base.max_vcpus, fds)
+            except BaseException:
+                if fds is not None:
+                    await confine.drop_disk(vm.monitor, fds)
+                raise
             self._save(vm.rec, new)
             log.info("%s: attached %s as %s (slot %d)", vm.name, spec.target, spec.vdev,
                      spec.slot)
@@ -179,6 +188,8 @@ class Devices:
                                "domain runs")
             base = await self._recorded(vm)
             await hotplug.remove_disk(vm.monitor, vdev)
+            if vm.uid is not None:     # its descriptors (and so its write locks) go too
+                await confine.forget_file(vm.monitor, spec.target)
             self._save(vm.rec, validated(base, disks=[d.model_dump() for d in base.disks
                                                       if d.vdev != vdev]))
             log.info("%s: detached %s", vm.name, vdev)
@@ -220,7 +231,8 @@ class Devices:
             if await asyncio.to_thread(links.link_exists, tap):
                 raise Conflict(f"interface {tap} already exists on this host")
             bridge = await self.m.net.bridge_for(vif)
-            await asyncio.to_thread(links.create_tap, tap, bridge, None, self.m.home.tag)
+            await asyncio.to_thread(links.create_tap, tap, bridge, None, self.m.home.tag,
+                                    vm.uid)
             try:
                 await hotplug.add_nic(vm.monitor, vif, nic_model(vif, new.type == "hvm"), tap,
                                       index, slot)

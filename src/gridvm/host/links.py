@@ -42,16 +42,18 @@ def ensure_bridge(name: str) -> None:
 
 
 def create_tap(name: str, bridge: str | None, mtu: int | None = None,
-               tag: str | None = None) -> None:
+               tag: str | None = None, owner: int | None = None) -> None:
     """A persistent tap `name`, up, enslaved to `bridge` (created if missing), carrying
-    `tag` as its alias so that its owner can find it again after a crash."""
+    `tag` as its alias so that its owner can find it again after a crash; with `owner`,
+    owned by that uid and gid (an unprivileged QEMU opens it)."""
     if len(name) > 15:
         raise LinkError(f"interface name {name!r} is longer than 15 characters")
     if bridge:
         ensure_bridge(bridge)
     with IPRoute() as ipr:
         try:
-            ipr.link("add", ifname=name, kind="tuntap", mode="tap")
+            ids = {} if owner is None else {"uid": owner, "gid": owner}
+            ipr.link("add", ifname=name, kind="tuntap", mode="tap", **ids)
         except NetlinkError as exc:
             raise LinkError(f"cannot create tap {name}: {exc}") from exc
         idx = _index(ipr, name)

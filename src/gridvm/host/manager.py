@@ -15,7 +15,7 @@ from typing import Any
 
 from gridvm import __version__
 from gridvm.errors import GridvmError, QemuError
-from gridvm.host import hostinfo, links, procs
+from gridvm.host import confine, hostinfo, links, procs
 from gridvm.host.devices import live_taps
 from gridvm.host.runtime import NetPlug, PlainBridges, log
 from gridvm.host.saverestore import SaveRestore
@@ -26,6 +26,7 @@ from gridvm.host.vm import Vm, qemu_taps
 from gridvm.lifecycle import BUSY, LIVE, DomainState
 from gridvm.paths import Home
 from gridvm.qemu import accel as accelmod
+from gridvm.qemu.confine import rundir_fd
 from gridvm.qemu.qmp import Monitor
 from gridvm.store.records import DomainRecord, Store
 
@@ -94,6 +95,9 @@ class HostManager(Supervisor, Verbs, SaveRestore):
             return
         rec.taps = await live_taps(monitor, rec.config, qemu_taps(procs.cmdline(pid)))
         vm = Vm(rec, pid, rundir, monitor, self.home.tag)
+        uid = confine.process_uid(pid)
+        if uid in confine.uid_range():
+            vm.uid, vm.dirfd = uid, rundir_fd(procs.cmdline(pid))
         self.vms[rec.uuid] = vm
         await self.res.adopt(vm)
         status = await vm.status()

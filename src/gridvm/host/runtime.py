@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import shutil
 import time
@@ -24,7 +25,7 @@ from typing import Protocol
 from gridvm.config.macs import assign_macs
 from gridvm.config.model import DomainConfig, VifSpec
 from gridvm.errors import Conflict, GridvmError, NotFound, QemuError
-from gridvm.host import hostinfo, links, procs, vnc
+from gridvm.host import confine, hostinfo, links, procs, vnc
 from gridvm.host.boot import BootLoader, NoBootLoader, uses_bootloader, with_placeholder_kernel
 from gridvm.host.guest import Guests
 from gridvm.host.resources import Resources
@@ -218,29 +219,42 @@ class DomainRuntime:
         made: list[str] = []
         pid: int | None = None
         monitor: Monitor | None = None
+        owner = f"{self.home.tag} {rec.uuid}"
+        uid: int | None = None
         try:
             shutil.rmtree(rundir, ignore_errors=True)
             rundir.mkdir(parents=True)
+            booted = cfg
             if uses_bootloader(cfg):   # pygrub: the kernel from its own disk
                 booted = await asyncio.to_thread(self.bootloader.boot, cfg, rundir)
                 argv = build_argv(self.qemu, booted, accel=self.accel, rundir=rundir,
                                   taps=taps, incoming=incoming is not None)
-            if paused and incoming is None:
-                argv.append("-S")
+            if confine.enabled():
+                uid = await asyncio.to_thread(confine.claim_uid, owner)
             for tap, vif in zip(taps, cfg.vifs, strict=True):
                 bridge = await self.net.bridge_for(vif)
-                await asyncio.to_thread(links.create_tap, tap, bridge, None, self.home.tag)
+                await asyncio.to_thread(links.create_tap, tap, bridge, None, self.home.tag,
+                                        uid)
                 made.append(tap)
-            try:
-                await procs.arun(argv, timeout=30)
-            except procs.CommandError as exc:
-                raise QemuError(f"QEMU failed to start domain {cfg.name}: {exc}") from exc
-            pid = procs.read_pidfile(rundir / "qemu.pid")
-            if pid is None:
-                raise QemuError(f"QEMU for {cfg.name} wrote no pid file")
             monitor = Monitor(f"gridvmd-{cfg.name}", rundir / "qmp.sock")
-            await monitor.connect(timeout=10)
+            if uid is None:
+                if paused and incoming is None:
+                    argv.append("-S")
+                try:
+                    await procs.arun(argv, timeout=30)
+                except procs.CommandError as exc:
+                    raise QemuError(f"QEMU failed to start domain {cfg.name}: {exc}") from exc
+                pid = procs.read_pidfile(rundir / "qemu.pid")
+                if pid is None:
+                    raise QemuError(f"QEMU for {cfg.name} wrote no pid file")
+                await monitor.connect(timeout=10)
+            else:
+                pid, dirfd = await self._spawn_confined(booted, rundir, taps, uid, monitor,
+                                                        paused=paused and incoming is None,
+                                                        incoming=incoming)
             vm = Vm(rec, pid, rundir, monitor, self.home.tag)
+            if uid is not None:
+                vm.uid, vm.dirfd = uid, dirfd
             status = await vm.status()
             await self.res.apply(vm)
         except BaseException as exc:
@@ -252,6 +266,7 @@ class DomainRuntime:
                 with contextlib.suppress(Exception):
                     await procs.kill_and_wait(pid, timeout=2)
             await release(cfg.name, made, rundir, self.home.tag)
+            confine.release_uid(uid, owner)
             rec.domid, rec.taps, rec.started_at = None, [], None
             self.set_state(rec, S.SHUTOFF, f"launch failed: {type(exc).__name__}",
                            persist=self.store.get(rec.uuid) is not None)
@@ -264,6 +279,42 @@ class DomainRuntime:
         await self.net.domain_started(rec)
         log.info("%s: started domid %s pid %s (%s)", cfg.name, domid, pid, self.accel)
         return vm
+
+    async def _spawn_confined(self, cfg: DomainConfig, rundir: Path, taps: list[str],
+                              uid: int, monitor: Monitor, *, paused: bool,
+                              incoming: DomainState | None) -> tuple[int, int]:
+        """Start QEMU as `uid` with its files as descriptors (gridvm.host.confine) and
+        connect `monitor`; return its pid and run-dir descriptor. A QEMU that exits while
+        starting is an error with the tail of its output."""
+        launch = await asyncio.to_thread(functools.partial(
+            confine.prepare, cfg, rundir, uid, self.qemu, lock=incoming is not S.INCOMING))
+        try:
+            argv = build_argv(self.qemu, cfg, accel=self.accel, rundir=rundir, taps=taps,
+                              incoming=incoming is not None, confined=launch.spec)
+            if paused:
+                argv.append("-S")
+            proc = confine.spawn(argv, launch, kvm=self.accel == "kvm")
+        finally:
+            launch.close()
+        connect = asyncio.ensure_future(monitor.connect(timeout=30))
+        exited = asyncio.ensure_future(asyncio.to_thread(_wait_exit, proc.pid, 31))
+        try:
+            done, _ = await asyncio.wait({connect, exited}, return_when=asyncio.FIRST_COMPLETED)
+            if connect in done:
+                connect.result()
+                (rundir / "qemu.pid").write_text(f"{proc.pid}\n")
+                return proc.pid, launch.spec.dirfd
+            raise QemuError(f"QEMU failed to start domain {cfg.name}: "
+                            f"{confine.log_tail(rundir)}")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await procs.kill_and_wait(proc.pid, timeout=2)
+            raise
+        finally:
+            for task in (connect, exited):
+                task.cancel()
+            with contextlib.suppress(BaseException):
+                await asyncio.gather(connect, exited, return_exceptions=True)
 
     async def _on_event(self, vm: Vm, kind: str) -> None:
         """What a QEMU's watcher reports (gridvm.host.supervisor implements it)."""
@@ -280,6 +331,7 @@ class DomainRuntime:
         await vm.stop_process()
         await self.res.release(rec)
         await vm.release_resources()
+        confine.release_uid(vm.uid, f"{self.home.tag} {rec.uuid}")
         self.vms.pop(rec.uuid, None)
         try:
             await self.net.domain_stopped(rec)
@@ -315,8 +367,16 @@ class DomainRuntime:
         """Re-adoption found the domain's QEMU gone: free what it held and retire it."""
         await self.res.release(rec)
         await release(rec.name, rec.taps, rundir, self.home.tag)
+        await asyncio.to_thread(confine.release_owner, f"{self.home.tag} {rec.uuid}")
         # Mid-migration the other host may run it: never have it restarted for that.
         reason = "migration-unknown" if rec.state in (S.MIGRATING, S.INCOMING) else "gone"
         if rec.state is not S.SHUTOFF:
             self.set_state(rec, S.DYING, "its QEMU is gone")
         self._retire(rec, reason)
+
+
+def _wait_exit(pid: int, timeout: float) -> None:
+    """Block until process `pid` is gone (or `timeout` passes)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and procs.pid_alive(pid):
+        time.sleep(0.05)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shlex
+import os
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,14 @@ class SaveRestore(DomainRuntime):
             try:
                 offset = savefile.write_header(path, vm.rec.config)
                 await vm.monitor.execute("stop")
-                await self._migrate_out(vm, f"exec:cat >> {_shq(path)}")
+                # QEMU writes to a descriptor gridvmd opened (a sandboxed QEMU can neither
+                # open the path nor run a shell for an exec: URI).
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+                try:
+                    await vm.monitor.send_fd(fd, "gridvm-save")
+                finally:
+                    os.close(fd)
+                await self._migrate_out(vm, "fd:gridvm-save")
             except BaseException:
                 path.unlink(missing_ok=True)
                 try:
@@ -90,8 +97,13 @@ class SaveRestore(DomainRuntime):
         try:
             vm = await self._launch(rec, incoming=S.RESTORING)
             try:
-                uri = f"exec:tail -c +{offset + 1} {_shq(path.absolute())}"
-                await vm.monitor.execute("migrate-incoming", {"uri": uri})
+                fd = os.open(path.absolute(), os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    os.lseek(fd, offset, os.SEEK_SET)
+                    await vm.monitor.send_fd(fd, "gridvm-restore")
+                finally:
+                    os.close(fd)
+                await vm.monitor.execute("migrate-incoming", {"uri": "fd:gridvm-restore"})
                 await self._await_incoming(vm)
                 if not paused:
                     await vm.monitor.execute("cont")
@@ -120,6 +132,3 @@ class SaveRestore(DomainRuntime):
             await asyncio.sleep(MIGRATION_POLL_S)
         raise QemuError(f"incoming migration did not finish within {timeout:.0f}s")
 
-
-def _shq(path: Path) -> str:
-    return shlex.quote(str(path))

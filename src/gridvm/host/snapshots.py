@@ -38,7 +38,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from gridvm.config.model import DiskSpec, DomainConfig
 from gridvm.errors import ConfigError, Conflict, GridvmError, NotFound
-from gridvm.host import qemuimg
+from gridvm.host import confine, qemuimg
 from gridvm.host.devices import validated
 from gridvm.host.vm import Vm
 from gridvm.lifecycle import S
@@ -196,6 +196,33 @@ class Snapshots:
         return self._record(path, tree, cfg, name, memory=False, state="shutoff",
                             consistency="offline", stall=None)
 
+    async def _convert_live(self, vm: Vm, vdev: str, node: str, size: int, new: str) -> None:
+        """A raw disk copied into qcow2 image `new` while the guest runs; a confined QEMU
+        gets the image gridvmd made, as descriptors, opened as node vbd-VDEV-qcow2."""
+        if vm.uid is None:
+            await blockops.convert_live(vm.monitor, node, new)
+            return
+        if Path(new).exists():
+            raise Conflict(f"{new} already exists")
+        await qemuimg.create(new, "qcow2", size)
+        try:
+            fds = await confine.hand_disk(vm.monitor, new, "qcow2", writable=True)
+            target = hotplug.converted_node(vdev)
+            await vm.monitor.execute("blockdev-add", {
+                "driver": "qcow2", "node-name": target, "cache": {"direct": True},
+                **fds.blockdev_file()})
+            try:
+                await blockops.convert_live(vm.monitor, node, target, target_node=True)
+            except BaseException:
+                with contextlib.suppress(GridvmError):
+                    await vm.monitor.execute("blockdev-del", {"node-name": target})
+                raise
+        except BaseException:
+            with contextlib.suppress(GridvmError):
+                await confine.forget_file(vm.monitor, new)
+            Path(new).unlink(missing_ok=True)
+            raise
+
     async def _create_live(self, vm: Vm, name: str, memory: bool,
                            convert: bool) -> dict[str, Any]:
         path, tree = self._tree(vm.rec.config)
@@ -205,7 +232,7 @@ class Snapshots:
                                      for v, n in nodes.items()})
         for d in raw:
             new = _qcow2_path(d.target)
-            await blockops.convert_live(vm.monitor, nodes[d.vdev].node, new)
+            await self._convert_live(vm, d.vdev, nodes[d.vdev].node, nodes[d.vdev].size, new)
             self._save(vm.rec, _retarget(vm.rec.config, d.vdev, new))
             log.info("%s: converted %s to %s while it ran", vm.name, d.target, new)
         if raw:

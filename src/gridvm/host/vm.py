@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gridvm.host import links, procs
+from gridvm.qemu.confine import in_rundir
 from gridvm.qemu.qmp import Monitor, StreamListener
 from gridvm.store.records import DomainRecord
 
@@ -48,6 +49,8 @@ class Vm:
         self.rec = rec
         self.tag = tag                       # the alias of the taps this host made for it
         self.pid = pid
+        self.uid: int | None = None          # a confined QEMU's uid (gridvm.host.confine)
+        self.dirfd: int | None = None        # ... and its run-dir descriptor
         self.rundir = rundir
         self.monitor = monitor
         self.lock = asyncio.Lock()          # one state-changing operation at a time
@@ -74,6 +77,13 @@ class Vm:
     @property
     def console_log(self) -> Path:
         return self.rundir / "console.log"
+
+    def qemu_path(self, path: Path) -> str:
+        """How this QEMU names a file of its run dir (a confined one, through its run-dir
+        descriptor: it cannot search the directories above)."""
+        if self.dirfd is None:
+            return str(path)
+        return in_rundir(self.dirfd, str(path.relative_to(self.rundir)))
 
     def start_watching(self, handler: Handler) -> None:
         self._task = asyncio.create_task(self._watch(handler), name=f"watch-{self.name}")

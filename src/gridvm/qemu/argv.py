@@ -13,6 +13,7 @@ from typing import Protocol
 from gridvm.config.model import NIC_MODELS, DiskSpec, DisplayParams, DomainConfig, VifSpec
 from gridvm.errors import ConfigError
 from gridvm.qemu import guestagent
+from gridvm.qemu.confine import Confined, DiskFds
 
 
 class Device(Protocol):
@@ -75,19 +76,26 @@ class Machine:
 
 @dataclass(frozen=True)
 class Runtime:
-    """Control sockets and files in the domain's run directory."""
+    """Control sockets and files in the domain's run directory; a confined QEMU reaches
+    them through its inherited run-dir descriptor and is not daemonized (gridvmd starts it
+    detached: `-daemonize` forks, which the sandbox forbids)."""
 
     rundir: Path
+    confined: Confined | None = None
 
     def args(self) -> list[str]:
-        r = self.rundir
+        c = self.confined
+
+        def r(name: str) -> str:
+            return c.run(name) if c else str(self.rundir / name)
+
         return [
-            "-qmp", f"unix:{r / 'qmp.sock'},server=on,wait=off",
-            "-chardev", _opts("socket", id="ser0", path=r / "serial.sock", server=True,
-                              wait=False, logfile=r / "console.log", logappend=True),
+            "-qmp", f"unix:{escape(r('qmp.sock'))},server=on,wait=off",
+            "-chardev", _opts("socket", id="ser0", path=r("serial.sock"), server=True,
+                              wait=False, logfile=r("console.log"), logappend=True),
             "-serial", "chardev:ser0",
-            "-pidfile", str(r / "qemu.pid"),
-            "-daemonize",
+            # A confined QEMU cannot resolve a pid file's path: gridvmd writes it.
+            *([] if c else ["-pidfile", r("qemu.pid"), "-daemonize"]),
         ]
 
 
@@ -193,6 +201,7 @@ class Disk:
     hvm: bool
     slot: int | None = None
     queues: int = 1
+    fds: DiskFds | None = None
 
     @property
     def node(self) -> str:
@@ -206,9 +215,12 @@ class Disk:
 
     def args(self) -> list[str]:
         s = self.spec
-        drive = _opts(
-            "if=none", id=self.node, file=s.target, format=s.format,
-            readonly=(s.mode == "r") or None, media="cdrom" if s.devtype == "cdrom" else None,
+        files = self.fds.drive_opts() if self.fds else {"file": s.target}
+        drive = _opts("if=none", id=self.node, format=s.format)
+        drive += "," + ",".join(f"{k}={escape(v)}" for k, v in files.items())
+        drive += _opts(
+            "", readonly=(s.mode == "r") or None,
+            media="cdrom" if s.devtype == "cdrom" else None,
             cache="none" if s.devtype == "disk" else None, aio="threads",
         )
         extra = ",".join(f"{k}={escape(v)}" for k, v in _throttle(s).items() if v)
@@ -290,9 +302,12 @@ class AgentChannel:
 
     rundir: Path
     slot: int | None = None
+    confined: Confined | None = None
 
     def args(self) -> list[str]:
-        return guestagent.chardev_args(self.rundir, _addr(self.slot))
+        c = self.confined
+        path = c.run(guestagent.SOCKET_NAME) if c else None
+        return guestagent.chardev_args(self.rundir, _addr(self.slot), path=path)
 
 
 @dataclass(frozen=True)
@@ -321,16 +336,19 @@ def oem_strings(cfg: DomainConfig) -> list[str]:
 
 
 def devices(cfg: DomainConfig, *, accel: str, rundir: Path, taps: list[str],
-            incoming: bool = False) -> list[Device]:
-    """The device objects for one domain."""
+            incoming: bool = False, confined: Confined | None = None) -> list[Device]:
+    """The device objects for one domain (with `confined`, QEMU gets descriptors)."""
+    c = confined
     hvm = cfg.type == "hvm"
     slots = pci_slots(cfg)
     at = slots or {}
     devs: list[Device] = [
         Machine(accel, cfg.name, cfg.uuid, cfg.memory, cfg.max_memory, cfg.vcpus,
                 cfg.maxvcpus, cfg.display.card),
-        Runtime(rundir),
+        Runtime(rundir, c),
     ]
+    if c is not None:
+        devs.append(_Raw(c.args()))
     if hvm:
         devs.append(Firmware(cfg.boot))
     else:
@@ -341,26 +359,38 @@ def devices(cfg: DomainConfig, *, accel: str, rundir: Path, taps: list[str],
             # Under TCG on a busy host the kernel's IO-APIC timer check can miss its ticks
             # and panic ("IO-APIC + timer doesn't work"); cloud images skip it the same way.
             cmdline += " no_timer_check"
-        devs.append(DirectKernel(cfg.kernel, cfg.ramdisk, cmdline))
+        devs.append(DirectKernel((c.kernel or cfg.kernel) if c else cfg.kernel,
+                                 (c.ramdisk or cfg.ramdisk) if c else cfg.ramdisk, cmdline))
     oem = oem_strings(cfg)
     if oem:
         devs.append(OemStrings(oem))
-    devs += [Disk(i, d, hvm, at.get(d.vdev), cfg.max_vcpus) for i, d in enumerate(cfg.disks)]
+    devs += [Disk(i, d, hvm, at.get(d.vdev), cfg.max_vcpus, c.disks.get(d.vdev) if c else None)
+             for i, d in enumerate(cfg.disks)]
     devs += [Nic(i, v, taps[i], hvm, at.get(f"nic{i}")) for i, v in enumerate(cfg.vifs)]
     if cfg.display.vnc:
         devs.append(Vnc(cfg.display))
     devs.append(PvDevices(slots))
-    devs.append(AgentChannel(rundir, at.get(guestagent.SERIAL_ID)))
+    devs.append(AgentChannel(rundir, at.get(guestagent.SERIAL_ID), c))
     devs.append(Pvpanic())
     if incoming:
         devs.append(Incoming())
     return devs
 
 
+@dataclass(frozen=True)
+class _Raw:
+    argv: list[str]
+
+    def args(self) -> list[str]:
+        return self.argv
+
+
 def build_argv(binary: str, cfg: DomainConfig, *, accel: str, rundir: Path,
-               taps: list[str], incoming: bool = False) -> list[str]:
+               taps: list[str], incoming: bool = False,
+               confined: Confined | None = None) -> list[str]:
     """The full QEMU argv for `cfg`."""
     argv = [binary]
-    for dev in devices(cfg, accel=accel, rundir=rundir, taps=taps, incoming=incoming):
+    for dev in devices(cfg, accel=accel, rundir=rundir, taps=taps, incoming=incoming,
+                       confined=confined):
         argv += dev.args()
     return argv

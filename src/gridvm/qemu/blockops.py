@@ -71,14 +71,20 @@ async def remove_bitmaps(mon: Monitor, node: str, names: list[str]) -> None:
         await mon.execute("block-dirty-bitmap-remove", {"node": node, "name": name})
 
 
-async def convert_live(mon: Monitor, node: str, target: str) -> None:
-    """Copy a disk into a new qcow2 image `target` while the guest runs, then switch the
-    guest over to it (drive-mirror, block-job-complete)."""
+async def convert_live(mon: Monitor, node: str, target: str, *,
+                       target_node: bool = False) -> None:
+    """Copy a disk into a new qcow2 image `target` (with `target_node`, into the block node
+    of that name, already added) while the guest runs, then switch the guest over to it
+    (drive-mirror or blockdev-mirror, block-job-complete)."""
     job = f"gv-convert-{next(_ids)}"
     async with mon.listen("BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_ERROR") as ev:
-        await mon.execute("drive-mirror", {"job-id": job, "device": node, "target": target,
-                                           "format": "qcow2", "sync": "full",
-                                           "mode": "absolute-paths"})
+        if target_node:
+            await mon.execute("blockdev-mirror", {"job-id": job, "device": node,
+                                                  "target": target, "sync": "full"})
+        else:
+            await mon.execute("drive-mirror", {"job-id": job, "device": node,
+                                               "target": target, "format": "qcow2",
+                                               "sync": "full", "mode": "absolute-paths"})
         completing = False
         while True:
             try:

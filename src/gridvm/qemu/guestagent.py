@@ -254,10 +254,11 @@ class GuestAgent:
         return "frozen" if status == "frozen" else "thawed"
 
 
-def chardev_args(rundir: Path, addr: str | None = None) -> list[str]:
+def chardev_args(rundir: Path, addr: str | None = None, *, path: str | None = None
+                 ) -> list[str]:
     """QEMU arguments for the agent channel (a virtio-serial port on its own controller,
-    at PCI address `addr` if given)."""
-    path = str(rundir / SOCKET_NAME).replace(",", ",,")
+    at PCI address `addr` if given); `path` overrides where QEMU opens its socket."""
+    path = (path or str(rundir / SOCKET_NAME)).replace(",", ",,")
     return [
         "-chardev", f"socket,id={CHARDEV_ID},path={path},server=on,wait=off",
         "-device", f"virtio-serial-pci,id={SERIAL_ID}" + (f",addr={addr}" if addr else ""),

@@ -15,6 +15,7 @@ from typing import Any
 from gridvm.config.model import PCI_SLOTS, DiskSpec, VifSpec
 from gridvm.errors import Conflict, QemuError
 from gridvm.qemu.argv import drive_id
+from gridvm.qemu.confine import DiskFds
 from gridvm.qemu.qmp import Monitor
 
 UNPLUG_S = 30.0       # a guest releases an unplugged device (ACPI eject) within this
@@ -131,16 +132,18 @@ async def wait_deleted(mon: Monitor, dev_id: str, what: str) -> None:
 # ----- disks ------------------------------------------------------------------------------
 
 
-async def add_disk(mon: Monitor, spec: DiskSpec, slot: int, queues: int) -> None:
+async def add_disk(mon: Monitor, spec: DiskSpec, slot: int, queues: int,
+                   fds: DiskFds | None = None) -> None:
     """A virtio disk on `slot` with `queues` queues (as `argv.Disk` would give it): its
-    image opened as node vbd-<vdev>, then the device."""
+    image opened as node vbd-<vdev> (by path, or from the fd sets `fds`), then the device."""
     node = drive_id(spec.vdev)
     block = Path(spec.target).is_block_device()
+    files: dict[str, Any] = fds.blockdev_file() if fds else {"file": {
+        "driver": "host_device" if block else "file", "filename": spec.target,
+        "aio": "threads"}}
     options: dict[str, Any] = {
         "driver": spec.format, "node-name": node, "read-only": spec.mode == "r",
-        "cache": {"direct": True, "no-flush": False},
-        "file": {"driver": "host_device" if block else "file", "filename": spec.target,
-                 "aio": "threads"},
+        "cache": {"direct": True, "no-flush": False}, **files,
     }
     await mon.execute("blockdev-add", options)
     try:
@@ -156,12 +159,18 @@ async def add_disk(mon: Monitor, spec: DiskSpec, slot: int, queues: int) -> None
         await mon.execute("block_set_io_throttle", {"id": spec.vdev, **limits})
 
 
+def converted_node(vdev: str) -> str:
+    """The node a raw disk converted to qcow2 while running lives on (a confined QEMU's)."""
+    return f"{drive_id(vdev)}-qcow2"
+
+
 async def remove_disk(mon: Monitor, vdev: str) -> None:
     """Unplug a disk and drop its node (a -drive disk's backend goes with its device)."""
     await wait_deleted(mon, vdev, f"disk {vdev}")
     nodes = {n["node-name"] for n in await mon.execute("query-named-block-nodes")}
-    if drive_id(vdev) in nodes:
-        await mon.execute("blockdev-del", {"node-name": drive_id(vdev)})
+    for node in (drive_id(vdev), converted_node(vdev)):
+        if node in nodes:
+            await mon.execute("blockdev-del", {"node-name": node})
 
 
 # ----- NICs -------------------------------------------------------------------------------

@@ -47,6 +47,30 @@ class Monitor:
                 raise
             raise QemuError(f"QMP {cmd} failed: {type(exc).__name__}: {exc}") from exc
 
+    async def send_fd(self, fd: int, name: str) -> None:
+        """Hand QEMU descriptor `fd` as `name` (SCM_RIGHTS + getfd): for `fd:NAME`
+        migration URIs and dumps, which a confined QEMU could not open by path."""
+        with contextlib.suppress(QemuError):
+            await self.execute("closefd", {"fdname": name})    # a stale one of that name
+        try:
+            self.client.send_fd_scm(fd)
+        except Exception as exc:
+            raise QemuError(f"cannot pass a descriptor to QEMU: {exc}") from exc
+        await self.execute("getfd", {"fdname": name})
+
+    async def add_fd(self, fd: int, opaque: str, fdset: int | None = None) -> int:
+        """Put `fd` in an fd set of QEMU's (a new one unless `fdset`); return the set's id
+        (`/dev/fdset/ID` then opens it)."""
+        try:
+            self.client.send_fd_scm(fd)
+        except Exception as exc:
+            raise QemuError(f"cannot pass a descriptor to QEMU: {exc}") from exc
+        args: dict[str, Any] = {"opaque": opaque}
+        if fdset is not None:
+            args["fdset-id"] = fdset
+        result = await self.execute("add-fd", args)
+        return int(result["fdset-id"])
+
     @contextlib.asynccontextmanager
     async def listen(self, *names: str) -> AsyncIterator[EventListener]:
         listener = EventListener(names or None)
