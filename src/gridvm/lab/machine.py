@@ -13,8 +13,10 @@ import contextlib
 import os
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
+import gridvm
 from gridvm.errors import GridvmError
 from gridvm.host import procs
 from gridvm.host.networks import RUN_ROOT
@@ -46,25 +48,50 @@ def _private_pin_dir() -> None:
     procs.run(["mount", "--make-private", str(PIN_DIR)])
 
 
+def software() -> list[Path]:
+    """Where gridvm itself runs from: its checkout (with the web assets) or installed
+    package, and the Python environment. Kept visible in every machine: a checkout under
+    /tmp would otherwise vanish behind the machine's private /tmp."""
+    package = Path(gridvm.__file__).resolve().parent
+    root = next((d for d in package.parents if (d / "pyproject.toml").is_file()),
+                package.parent)
+    keep = [root]
+    prefix = Path(sys.prefix).resolve()
+    if not prefix.is_relative_to(root):
+        keep.append(prefix)
+    return keep
+
+
 def create(name: str, *, own: list[Path], shared: list[Path], hide: Path) -> Path:
     """Make and pin the mount namespace of machine `name`: `hide` (the lab's directory) is
-    an empty tmpfs there except for `own` and `shared` directories, bound at their paths."""
+    an empty tmpfs there except for `own` and `shared` directories, bound at their paths;
+    /tmp is private except for gridvm's own files (`software`)."""
     if exists(name):
         return pin(name)
     _private_pin_dir()
     path = pin(name)
     path.touch()
     stage = STAGE / name
-    keep = [d for d in (*own, *shared) if d.is_dir()]
+    # gridvm's own files first (outermost), then the lab's directory hidden, then what this
+    # machine may see of it: a lab inside the checkout stays hidden.
+    keep = [d for d in software() if d.is_relative_to("/tmp") or d.is_relative_to(hide)]
+    outer = len(keep)
+    keep += [d for d in (*own, *shared) if d.is_dir()]
     lines = ["set -e", f"rm -rf {shlex.quote(str(stage))}"]
     for i, d in enumerate(keep):
         lines += [f"mkdir -p {stage}/{i}", f"mount --bind {shlex.quote(str(d))} {stage}/{i}"]
-    lines += ["mount -t tmpfs -o mode=1777 gridvm-tmp /tmp",
-              f"mkdir -p {shlex.quote(str(hide))}",
+    lines += ["mount -t tmpfs -o mode=1777 gridvm-tmp /tmp"]
+
+    def restore(i: int, d: Path) -> list[str]:
+        where = shlex.quote(str(d))
+        return [f"mkdir -p {where}", f"mount --move {stage}/{i} {where}"]
+
+    for i, d in enumerate(keep[:outer]):
+        lines += restore(i, d)
+    lines += [f"mkdir -p {shlex.quote(str(hide))}",
               f"mount -t tmpfs -o mode=0755 gridvm-lab {shlex.quote(str(hide))}"]
-    for i, d in enumerate(keep):
-        lines += [f"mkdir -p {shlex.quote(str(d))}",
-                  f"mount --move {stage}/{i} {shlex.quote(str(d))}"]
+    for i, d in enumerate(keep[outer:], start=outer):
+        lines += restore(i, d)
     lines += [f"mkdir -p {RUN_ROOT}", f"mount -t tmpfs -o mode=0755 gridvm-run {RUN_ROOT}",
               f"rm -rf {shlex.quote(str(stage))}"]
     try:
