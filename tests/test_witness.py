@@ -132,5 +132,12 @@ def test_two_hosts_and_a_witness(lab: LabEnv) -> None:
     gridvm_on(lab, "h3", "cluster", "witness", a1, "--token", wit["token"], "--ca-hash",
               wit["ca_hash"], "--listen", a3, "--dir",
               str(Path(lab.state.host("h3").home) / "witness"))
-    wait_for("fg1 back on h2", lambda: where(lab, "fg1") == "h2", 90)
+    try:
+        wait_for("fg1 back on h2", lambda: where(lab, "fg1") == "h2", 90)
+    except AssertionError:
+        print(gridvm_on(lab, "h2", "host", "list", check=False),
+              gridvm_on(lab, "h2", "list", check=False),
+              gridvm_on(lab, "h2", "cluster", "status", check=False),
+              Path(lab.state.host("h2").home, "logs", "gridvmd.log").read_text()[-6000:])
+        raise
     assert lab.wait_http(lab.guest_ip(60)) == "fg1"

@@ -114,6 +114,7 @@ rpl_semi_sync_master_wait_point = AFTER_SYNC
 rpl_semi_sync_master_timeout = {timeout}
 rpl_semi_sync_master_wait_no_slave = {'ON' if ack is None else 'OFF'}
 slave_net_timeout = 4
+relay_log_recovery = ON
 report_host = {ip}
 innodb_buffer_pool_size = 64M
 """

@@ -186,18 +186,36 @@ def wait_pos(t: Target, pos: str, timeout: float) -> bool:
         return int((cur.fetchone() or {}).get("r", -1)) == 0
 
 
+MASTER_INFO_BROKEN = 1201      # "Could not initialize master info structure"
+
+
 def repoint(t: Target, primary_ip: str, repl_password: str) -> None:
     """Replicate from `primary_ip` from where this member is (its own writes included),
-    read-only."""
+    read-only. Relay logs are not kept (with GTIDs it fetches again from its position):
+    after a power loss they can be torn, and then every START SLAVE fails until they are
+    gone, so a torn replication state is reset whole and the step done again."""
+    steps = ["SET GLOBAL read_only = ON",
+             "SET GLOBAL rpl_semi_sync_master_enabled = OFF",
+             "STOP SLAVE",
+             "RESET SLAVE",
+             "SET GLOBAL gtid_slave_pos = @@global.gtid_current_pos",
+             "CHANGE MASTER TO MASTER_HOST=%s, MASTER_PORT=3306, MASTER_USER=%s, "
+             "MASTER_PASSWORD=%s, MASTER_USE_GTID=slave_pos, MASTER_CONNECT_RETRY=1, "
+             "MASTER_HEARTBEAT_PERIOD=1",
+             "START SLAVE"]
+    args = (primary_ip, REPL, repl_password)
+    torn = False
     with connect(t, timeout=15) as cur:
-        batch(cur, ["SET GLOBAL read_only = ON",
-                    "SET GLOBAL rpl_semi_sync_master_enabled = OFF",
-                    "STOP SLAVE",
-                    "SET GLOBAL gtid_slave_pos = @@global.gtid_current_pos",
-                    "CHANGE MASTER TO MASTER_HOST=%s, MASTER_PORT=3306, MASTER_USER=%s, "
-                    "MASTER_PASSWORD=%s, MASTER_USE_GTID=slave_pos, MASTER_CONNECT_RETRY=1, "
-                    "MASTER_HEARTBEAT_PERIOD=1",
-                    "START SLAVE"], (primary_ip, REPL, repl_password))
+        try:
+            batch(cur, steps, args)
+        except pymysql.MySQLError as exc:
+            if not exc.args or exc.args[0] != MASTER_INFO_BROKEN:
+                raise
+            torn = True
+    if torn:                   # a fresh session: the failed batch's results are unread
+        with connect(t, timeout=15) as cur:
+            cur.execute("RESET SLAVE ALL")
+            batch(cur, steps, args)
 
 
 def user_databases(t: Target) -> list[str]:
