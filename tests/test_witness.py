@@ -133,7 +133,7 @@ def test_two_hosts_and_a_witness(lab: LabEnv) -> None:
               wit["ca_hash"], "--listen", a3, "--dir",
               str(Path(lab.state.host("h3").home) / "witness"))
     try:
-        wait_for("fg1 back on h2", lambda: where(lab, "fg1") == "h2", 90)
+        wait_for("fg1 back on h2", lambda: where(lab, "fg1") == "h2", 180)
     except AssertionError:
         print(gridvm_on(lab, "h2", "host", "list", check=False),
               gridvm_on(lab, "h2", "list", check=False),
