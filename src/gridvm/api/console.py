@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import urllib.parse
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from fastapi import APIRouter, WebSocket
@@ -151,18 +152,28 @@ async def bridge(ws: WebSocket, console: ConsoleStream) -> None:
             await ws.close(code=1000, reason="console closed")
 
 
-def console_routes(manager: HostManager, node: ClusterNode) -> APIRouter:
+Opener = Callable[[HostManager, ClusterNode, str], Awaitable[ConsoleStream]]
+
+
+def stream_routes(manager: HostManager, node: ClusterNode, path: str,
+                  opener: Opener) -> APIRouter:
+    """A websocket at `path` bridged to the stream `opener` gives for its domain; a domain
+    that does not exist or cannot be reached closes it with 4404 or 4409 and the reason."""
     r = APIRouter()
 
-    @r.websocket(STREAM)
+    @r.websocket(path)
     async def stream(ws: WebSocket, ref: str) -> None:
         try:
-            console = await open_console(manager, node, ref)
+            peer = await opener(manager, node, ref)
         except GridvmError as exc:
             await ws.close(code=4404 if isinstance(exc, NotFound) else 4409,
                            reason=str(exc)[:120])
             return
         await ws.accept()
-        await bridge(ws, console)
+        await bridge(ws, peer)
 
     return r
+
+
+def console_routes(manager: HostManager, node: ClusterNode) -> APIRouter:
+    return stream_routes(manager, node, STREAM, open_console)

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter, WebSocket
+from fastapi import APIRouter
 
-from gridvm.api.console import ConsoleStream, SerialSocket, bridge, remote_stream
+from gridvm.api.console import ConsoleStream, SerialSocket, remote_stream, stream_routes
 from gridvm.cluster.node import ClusterNode
-from gridvm.errors import Conflict, GridvmError, NotFound
+from gridvm.errors import Conflict, NotFound
 from gridvm.host.manager import HostManager
 from gridvm.host.vnc import connect_address, display_of
 
@@ -39,17 +39,4 @@ async def open_vnc(manager: HostManager, node: ClusterNode, ref: str) -> Console
 
 
 def vnc_routes(manager: HostManager, node: ClusterNode) -> APIRouter:
-    r = APIRouter()
-
-    @r.websocket(VNC_STREAM)
-    async def stream(ws: WebSocket, ref: str) -> None:
-        try:
-            vnc = await open_vnc(manager, node, ref)
-        except GridvmError as exc:
-            await ws.close(code=4404 if isinstance(exc, NotFound) else 4409,
-                           reason=str(exc)[:120])
-            return
-        await ws.accept()
-        await bridge(ws, vnc)
-
-    return r
+    return stream_routes(manager, node, VNC_STREAM, open_vnc)
