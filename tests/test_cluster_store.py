@@ -152,6 +152,33 @@ def test_a_relaunch_in_place_moves_the_ha_marker(tmp_path: Path, cluster: Cluste
     assert sorted(p.name for p in store.files.ha.iterdir()) == ["9"]
 
 
+def test_a_resync_keeps_what_waits_for_the_ha_manager(tmp_path: Path, cluster: Cluster) -> None:
+    """A host that lost its lease resyncs when quorum is back and again when its new lease
+    comes: the second run must not delete the record the first marked lost (the HA manager
+    may not have restarted it yet), nor one the HA manager gave up on."""
+    store = host_store(tmp_path, cluster)
+    web, failed, plain = config("web"), config("failed"), config("plain", "off")
+    for cfg in (web, failed, plain):
+        running(store, cfg)
+    got = cluster.domain_kv(failed.uuid)
+    assert got is not None
+    cluster.move_domain(failed.uuid, got[1], {"state": "ha-failed"})
+    store.files.fenced.write_text("0\n")            # the watchdog fenced the host
+    for cfg in (web, failed, plain):
+        store.delete(cfg.uuid, reason="qemu-died")   # deferred: fenced
+    store.files.fenced.unlink()
+    assert store.dirty
+    for _ in range(2):
+        assert store.resync() == []
+        lost = registry(cluster, web)
+        assert lost is not None and (lost["state"], lost["reason"]) == ("lost", "fenced")
+        kept = registry(cluster, failed)
+        assert kept is not None and kept["state"] == "ha-failed"
+        assert registry(cluster, plain) is None
+    names = {kv.key.rsplit("/", 1)[1] for kv in cluster.etcd.range(cluster.key("names") + "/")}
+    assert names == {"web", "failed"}
+
+
 def test_readoption_marks_a_vanished_ha_domain_lost(tmp_path: Path, cluster: Cluster) -> None:
     """The host comes back before the HA manager moved its domains: its gridvmd finds
     the QEMUs gone. HA domains become lost ("gone"); one that the HA manager already

@@ -10,7 +10,10 @@ domains, and they come back only once quorum does."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -135,9 +138,13 @@ def test_two_hosts_and_a_witness(lab: LabEnv) -> None:
     try:
         wait_for("fg1 back on h2", lambda: where(lab, "fg1") == "h2", 180)
     except AssertionError:
+        for pid in lab.pids("h2", "gridvmd") + lab.pids("h2", "gridvm.cluster.watchdog"):
+            os.kill(pid, signal.SIGUSR1)          # their threads' stacks, into their logs
+        time.sleep(1)
         print(gridvm_on(lab, "h2", "host", "list", check=False),
               gridvm_on(lab, "h2", "list", check=False),
               gridvm_on(lab, "h2", "cluster", "status", check=False),
-              Path(lab.state.host("h2").home, "logs", "gridvmd.log").read_text()[-6000:])
+              Path(lab.state.host("h2").home, "logs", "gridvmd.log").read_text()[-20000:],
+              Path(lab.state.host("h2").home, "cluster", "watchdog.log").read_text()[-8000:])
         raise
     assert lab.wait_http(lab.guest_ip(60)) == "fg1"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import faulthandler
 import fcntl
 import logging
 import os
@@ -17,6 +18,7 @@ import socket
 import ssl
 import sys
 from collections.abc import Generator, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -46,6 +48,8 @@ from gridvm.provision.pygrub import PyGrub
 from gridvm.store.sqlite import SqliteStore
 
 log = logging.getLogger("gridvm.api")
+
+WORKERS = 64        # threads for blocking work (kill -USR1 gridvmd logs their stacks)
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,8 @@ def _logging(home: Home, verbose: bool) -> None:
     sh = logging.StreamHandler(sys.stderr)
     sh.setFormatter(fmt)
     root.addHandler(sh)
+    if fh.stream is not None:
+        faulthandler.register(signal.SIGUSR1, file=fh.stream, all_threads=True)  # stacks
     for noisy in ("qemu", "pyroute2", "asyncio", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
@@ -199,6 +205,10 @@ async def serve(home: Home, accel: str, socks: Sockets, allow: Allowlist,
                 parts: Sequence[DaemonPart] = ()) -> None:
     """Serve the API on the Unix socket and, with --listen, on TCP (mutual TLS), and
     whatever `parts` add."""
+    # Blocking work (etcd, peers, QEMU images) runs in threads; Python's default pool (CPUs +
+    # 4) lets a few slow peer calls queue the cluster heartbeat behind them.
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="gridvmd"))
     store = SqliteStore(home.db)
     manager = HostManager(home, store, accel=accel)
     manager.net = net = NetworkManager(home, store)

@@ -78,40 +78,52 @@ class Lease:
             time.sleep(0.05)
         return self.id
 
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
     def _run(self) -> None:
         while not self._stop.is_set():
             t0 = time.monotonic()
-            if self.id is None:
-                try:
-                    lease = self.etcd.grant(self.ttl)
-                except EtcdError as exc:
-                    log.debug("lease grant failed: %s", exc)
-                else:
-                    try:
-                        if self.on_granted:
-                            self.on_granted(lease)
-                        self.id, self.last_ok = lease, t0
-                    except EtcdError as exc:
-                        log.warning("lease %x granted but not set up: %s", lease, exc)
-                        with contextlib.suppress(EtcdError):
-                            self.etcd.revoke(lease)
-            else:
-                expired = False
-                try:
-                    left = self.last_ok + self.ttl - self.margin - time.monotonic()
-                    expired = self.etcd.keepalive(
-                        self.id, timeout=max(min(self.rpc_timeout, left), 0.05)) <= 0
-                    if not expired:
-                        self.last_ok = t0
-                except EtcdError as exc:
-                    log.debug("lease keepalive failed: %s", exc)
-                if expired or time.monotonic() - self.last_ok > self.ttl - self.margin:
-                    lost, self.id = self.id, None
-                    log.warning("lease %x lost (%s)", lost,
-                                "expired" if expired else "could not renew in time")
-                    if self.on_lost:
-                        self.on_lost(lost)
+            try:
+                self._step(t0)
+            except Exception:   # a surprise must not end renewals: the deadline still holds
+                log.exception("%s: unexpected error", self._thread.name)
             self._stop.wait(max(self.interval - (time.monotonic() - t0), 0.01))
+
+    def _step(self, t0: float) -> None:
+        """Grant a lease if none is held, else renew it (declaring it lost past its deadline)."""
+        if self.id is None:
+            try:
+                lease = self.etcd.grant(self.ttl)
+            except EtcdError as exc:
+                log.debug("lease grant failed: %s", exc)
+                return
+            try:
+                if self.on_granted:
+                    self.on_granted(lease)
+                self.id, self.last_ok = lease, t0
+            except EtcdError as exc:
+                log.warning("lease %x granted but not set up: %s", lease, exc)
+                with contextlib.suppress(EtcdError):
+                    self.etcd.revoke(lease)
+            return
+        expired = False
+        try:
+            left = self.last_ok + self.ttl - self.margin - time.monotonic()
+            expired = self.etcd.keepalive(
+                self.id, timeout=max(min(self.rpc_timeout, left), 0.05)) <= 0
+            if not expired:
+                self.last_ok = t0
+        except EtcdError as exc:
+            log.debug("lease keepalive failed: %s", exc)
+        except Exception:     # whatever went wrong, the deadline below still applies
+            log.exception("lease %x: keepalive failed unexpectedly", self.id)
+        if expired or time.monotonic() - self.last_ok > self.ttl - self.margin:
+            lost, self.id = self.id, None
+            log.warning("lease %x lost (%s)", lost,
+                        "expired" if expired else "could not renew in time")
+            if self.on_lost:
+                self.on_lost(lost)
 
 
 class Election:

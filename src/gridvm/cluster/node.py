@@ -259,11 +259,18 @@ class ClusterNode:
 
     async def _heartbeat(self) -> None:
         cfg, _ = self.need()
+        failing_since: float | None = None
+        said = 0.0
         while True:
             try:
                 await self._beat(cfg)
+                failing_since = None
             except EtcdError as exc:
-                log.debug("heartbeat: %s", exc)
+                now = time.monotonic()
+                failing_since = failing_since or now
+                if now - failing_since > 2 * cfg.ttl and now - said > 30:
+                    log.warning("heartbeat failing for %.0f s: %s", now - failing_since, exc)
+                    said = now
             except Exception:
                 log.exception("heartbeat failed")
             await asyncio.sleep(max(cfg.ttl / 5, 0.3))

@@ -30,6 +30,8 @@ log = logging.getLogger("gridvm.cluster.store")
 # Stops the HA manager undoes. "gone": gridvmd found the QEMU gone when it started (the host
 # or gridvmd was down), which the HA manager does not count as a guest failure.
 UNEXPECTED = ("poweroff", "crash", "qemu-died", "gone")
+# Registry states of a domain no host runs that wait for the HA manager (or the operator).
+WAITING = ("lost", "ha-failed")
 
 
 def registry_record(rec: DomainRecord, host: str, old: dict[str, Any] | None) -> dict[str, Any]:
@@ -203,7 +205,8 @@ class ClusterStore:
             except Conflict as exc:
                 log.error("%s: %s", r.name, exc)
         for uuid, g in reg.items():
-            if g.get("host") != self.host or uuid in local:
+            # lost / ha-failed: the HA manager's (a resync may run twice before it acts)
+            if g.get("host") != self.host or uuid in local or g.get("state") in WAITING:
                 continue
             got = self.cluster.domain_kv(uuid)
             if got is None:
@@ -211,9 +214,12 @@ class ClusterStore:
             if g.get("ha") == "restart" and g.get("state") in ACTIVE:
                 self.cluster.move_domain(uuid, got[1], {"state": "lost", "domid": None,
                                                         "reason": "fenced"})
+                log.warning("%s: gone while this host was fenced: marked lost for the HA "
+                            "manager", g.get("name"))
             else:
                 key = self.cluster.key("domains", uuid)
                 self.cluster.etcd.txn([Compare(key, "MOD", got[1])], [delete_op(key)])
                 self.cluster.release_name(g["name"], uuid)
+                log.info("%s: no longer on this host: removed from the registry", g.get("name"))
         self.dirty = False
         return stale

@@ -13,6 +13,7 @@ Run by gridvmd: `python -m gridvm.cluster.watchdog --home HOME` (detached; re-ad
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
 import signal
@@ -64,7 +65,10 @@ def run(home: Home) -> None:
     cfg = files.load()
     if cfg is None:
         raise SystemExit(f"watchdog: {files.config} does not exist")
-    etcd = files.etcd(cfg.etcd, timeout=max(cfg.ttl / 6, 0.2))
+    # Renewals have their own deadline (the Lease's); a grant or a put may take longer (a
+    # raft commit on a loaded machine) and is not urgent: with a renewal-sized timeout a new
+    # lease could never be set up while commits are slow.
+    etcd = files.etcd(cfg.etcd, timeout=max(float(cfg.ttl), 2.0))
     cluster = Cluster(etcd)
     alive_key = cluster.key("alive", cfg.host)
 
@@ -78,7 +82,8 @@ def run(home: Home) -> None:
         killed = fence(files)
         log.error("lease %x lost: fenced; killed HA QEMUs %s", lease, killed)
 
-    lease = Lease(etcd, cfg.ttl, on_granted=granted, on_lost=lost, name="host-lease")
+    lease = Lease(etcd, cfg.ttl, rpc_timeout=max(cfg.ttl / 6, 0.2), on_granted=granted,
+                  on_lost=lost, name="host-lease")
     stop = False
 
     def term(*_: object) -> None:
@@ -88,6 +93,9 @@ def run(home: Home) -> None:
     signal.signal(signal.SIGTERM, term)
     lease.start()
     while not stop and files.config.exists():
+        if not lease.running():       # cannot happen (it catches everything): be safe anyway
+            log.error("the lease thread died: fenced; killed HA QEMUs %s", fence(files))
+            raise SystemExit(1)       # gridvmd starts another watchdog
         time.sleep(0.2)
     lease.stop(revoke=not files.config.exists())  # `leave` revokes; a plain stop does not
     files.lease.unlink(missing_ok=True)
@@ -99,9 +107,12 @@ def main() -> None:
     args = parser.parse_args()
     home = Home.resolve(args.home)
     files = Files(home)
-    logging.basicConfig(filename=files.log, level=logging.INFO,
+    handler = logging.FileHandler(files.log)
+    logging.basicConfig(handlers=[handler], level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    if handler.stream is not None:
+        faulthandler.register(signal.SIGUSR1, file=handler.stream, all_threads=True)  # stacks
     Path(files.pid).write_text(f"{os.getpid()}\n")
     try:
         run(home)
