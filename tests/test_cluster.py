@@ -292,6 +292,54 @@ def test_a_crash_is_restarted_by_its_host_or_else_by_the_ha_manager(cl: LabEnv) 
             cl.gridvm("destroy", name, host=home, check=False)
 
 
+def test_an_ha_failed_domain_is_listed_and_started_again_by_the_operator(cl: LabEnv) -> None:
+    """A guest that keeps crashing is given up after 3 counted restarts in 5 minutes
+    (ha-failed): listed with its reason, verbs other than start/delete refused with what
+    to do, `gridvm start` places and runs it again with its restart count cleared (the
+    next crash is restarted again rather than given up at once)."""
+    all_up(cl)
+    cfg = cl.write_cfg("cr3", "bridge=xenbr0", f'ip = "{cl.guest_ip(16)}"\n'
+                       'netmask = "255.255.255.0"\nha = "restart"\nha_group = "cr3"\n'
+                       'on_crash = "destroy"\n')
+    via = alive_host(cl)
+    cl.gridvm("create", str(cfg), host=via)
+    ip = cl.guest_ip(16)
+
+    def crash_and_wait_back() -> None:
+        boot = cl.http(ip, "/bootid")
+        with contextlib.suppress(OSError):
+            cl.http(ip, "/crash", timeout=1)
+        wait_for("cr3 back", lambda: cl.http(ip, "/bootid", timeout=1) != boot, 60)
+
+    try:
+        assert cl.wait_http(ip) == "cr3"
+        for _ in range(3):
+            crash_and_wait_back()
+        with contextlib.suppress(OSError):
+            cl.http(ip, "/crash", timeout=1)
+        failed = wait_for("cr3 given up", lambda: views(cl).get("cr3", {}).get("state")
+                          == "ha-failed" and views(cl)["cr3"], 60)
+        assert failed["host"] in ("h1", "h2", "h3") and failed["domid"] is None
+        assert sum(qemus(cl, h, "cr3") for h in ("h1", "h2", "h3")) == 0
+        refused = cl.gridvm("shutdown", "cr3", host=via, check=False)
+        assert refused.returncode != 0 and "ha-failed" in refused.stderr \
+            and "gridvm start cr3" in refused.stderr
+        info = json.loads(cl.gridvm("list", "cr3", "--json", host=via).stdout)
+        assert info[0]["state"] == "ha-failed"
+
+        out = cl.gridvm("start", "cr3", host=via).stdout
+        assert "Started domain cr3" in out
+        assert cl.wait_http(ip) == "cr3"
+        assert views(cl)["cr3"]["state"] == "running"
+        crash_and_wait_back()                          # counted afresh: restarted again
+        assert views(cl)["cr3"]["state"] == "running"
+        assert sum(qemus(cl, h, "cr3") for h in ("h1", "h2", "h3")) == 1
+    finally:
+        cl.gridvm("destroy", "cr3", host=via, check=False)
+        cl.gridvm("delete", "cr3", host=via, check=False)
+    assert "cr3" not in views(cl)
+
+
 # ----- evacuate -------------------------------------------------------------------------------
 
 

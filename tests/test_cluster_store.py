@@ -12,7 +12,8 @@ import time
 import uuid as uuidlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 
@@ -20,9 +21,13 @@ from gridvm.cluster.core import Cluster
 from gridvm.cluster.etcd import Etcd, EtcdError
 from gridvm.cluster.ha import HaManager
 from gridvm.cluster.ha_env import EtcdHaEnv
+from gridvm.cluster.node import ClusterNode
+from gridvm.cluster.service import forget_waiting, restart_failed, restart_failed_back
 from gridvm.cluster.settings import Files
 from gridvm.cluster.store import ClusterStore
 from gridvm.config.model import DomainConfig
+from gridvm.errors import Conflict, NotFound
+from gridvm.fsm import IllegalTransition
 from gridvm.host.manager import HostManager
 from gridvm.host.resources import remove_home_groups
 from gridvm.lifecycle import DomainState
@@ -235,3 +240,68 @@ def test_the_ha_manager_restarts_lost_domains_counting_guest_failures_only(
     assert {n: (g["state"], len(g["ha_restarts"])) for n, g in after.items()} == \
         {"crashed": ("restarting", 1), "gone": ("restarting", 0)}
 
+
+
+class _Node:
+    """What the cluster service needs of a ClusterNode: its settings and its cluster."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+
+    def need(self) -> tuple[Any, Cluster]:
+        return SimpleNamespace(host="h1", cpu_ratio=4.0), self.cluster
+
+
+def test_custody_changes_follow_the_table(tmp_path: Path, cluster: Cluster) -> None:
+    """The registry's custody of an HA domain changes only as custody.TABLE says: a record
+    the HA manager gave up on is not marked lost again (nor re-placed by the HA manager)."""
+    store = host_store(tmp_path, cluster)
+    web = config("web")
+    running(store, web)
+    got = cluster.domain_kv(web.uuid)
+    assert got is not None
+    assert cluster.move_domain(web.uuid, got[1], {"state": "lost", "reason": "crash"})
+    got = cluster.domain_kv(web.uuid)
+    assert got is not None
+    assert cluster.move_domain(web.uuid, got[1], {"state": "ha-failed"})
+    got = cluster.domain_kv(web.uuid)
+    assert got is not None
+    with pytest.raises(IllegalTransition, match="ha-failed to lost"):
+        cluster.move_domain(web.uuid, got[1], {"state": "lost"})
+    with pytest.raises(IllegalTransition, match="ha-failed to held"):
+        cluster.put_domain(web.uuid, {**got[0], "state": "running"})
+    assert registry(cluster, web) == got[0]                  # nothing changed
+
+
+def test_the_operator_starts_or_deletes_what_the_ha_manager_gave_up(
+        tmp_path: Path, cluster: Cluster) -> None:
+    store = host_store(tmp_path, cluster)
+    web, db = config("web"), config("db")
+    cluster.etcd.put_json(cluster.key("hosts", "h1"), {"name": "h1"})
+    cluster.etcd.put_json(cluster.key("alive", "h1"), {"host": "h1"})
+    cluster.etcd.put_json(cluster.key("capacity", "h1"), {"cpus": 2, "memory_mb": 1024})
+    node = cast(ClusterNode, _Node(cluster))
+    for cfg in (web, db):
+        running(store, cfg)
+        got = cluster.domain_kv(cfg.uuid)
+        assert got is not None
+        cluster.move_domain(cfg.uuid, got[1], {"state": "lost", "reason": "crash",
+                                               "ha_restarts": [1.0, 2.0, 3.0]})
+    with pytest.raises(Conflict, match="the HA manager restarts it"):
+        restart_failed(node, web.uuid)                       # lost: not the operator's
+    for cfg in (web, db):
+        got = cluster.domain_kv(cfg.uuid)
+        assert got is not None
+        cluster.move_domain(cfg.uuid, got[1], {"state": "ha-failed"})
+        store.local.delete(cfg.uuid)                         # it runs nowhere
+    host, rec = restart_failed(node, web.uuid)
+    assert host == "h1" and (rec["state"], rec["ha_restarts"]) == ("restarting", [])
+    restart_failed_back(node, web.uuid, "no such image")     # the launch failed
+    back = registry(cluster, web)
+    assert back is not None and (back["state"], back["reason"]) == ("ha-failed",
+                                                                    "no such image")
+    assert forget_waiting(node, db.uuid)["state"] == "removed"
+    assert registry(cluster, db) is None
+    assert cluster.etcd.get(cluster.key("names", "db")) is None
+    with pytest.raises(NotFound):
+        forget_waiting(node, db.uuid)

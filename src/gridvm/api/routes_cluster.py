@@ -4,11 +4,13 @@
 routed (header x-gridvm-local), it:
 
 * `GET /v1/domains`: lists every live host's domains (each view gets "host"), plus the
-  registry's records of domains on hosts that are down;
+  registry's records of domains on hosts that are down and of domains no host holds
+  (`lost`, `ha-failed`);
 * `POST /v1/domains`: checks the name cluster-wide, places the domain (`?host=H` forces
   a host) and sends the request to that host's gridvmd;
 * `/v1/domains/{ref}[/…]` and `/v1/stats/{ref}/history`: when `ref` is not a local domain,
-  forwards the request to the gridvmd of the host that has it;
+  forwards the request to the gridvmd of the host that has it; a domain no host holds is
+  shown, deleted or (ha-failed) started again here;
 * any request with the header x-gridvm-host: H (H not this host): forwards it to H's gridvmd
   (following a migration job on its source host, another host's networks or stats).
 Everything else reaches the local API unchanged.
@@ -28,14 +30,18 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gridvm.api.client import HOST_HEADER
 from gridvm.cluster import enroll
+from gridvm.cluster.custody import WAITING, Custody
 from gridvm.cluster.evacuation import Evacuations
 from gridvm.cluster.membership import InitRequest, JoinRequest
-from gridvm.cluster.node import LOCAL_HEADER, ClusterNode
+from gridvm.cluster.node import LAUNCH_TIMEOUT_S, LOCAL_HEADER, ClusterNode
 from gridvm.cluster.service import (
     choose_host,
     evacuation_plan,
+    forget_waiting,
     host_list,
     remove_host,
+    restart_failed,
+    restart_failed_back,
     revoke_member,
     set_maintenance,
 )
@@ -191,12 +197,13 @@ class ClusterRouter:
         seen = {v["uuid"] for v in views}
         registry = await asyncio.to_thread(cluster.domains)
         for uuid, g in sorted(registry.items(), key=lambda kv: str(kv[1]["name"])):
-            if uuid not in seen and g.get("host") not in live:
+            if uuid not in seen and (g.get("host") not in live or g.get("state") in WAITING):
                 views.append({"name": g["name"], "uuid": uuid, "domid": None,
                               "state": g.get("state"), "memory": g.get("memory"),
                               "vcpus": g.get("vcpus"), "cpu_time": 0.0, "uptime": None,
                               "host": g.get("host"),
-                              "host_state": states.get(str(g.get("host")), "unknown")})
+                              "host_state": None if g.get("state") in WAITING else
+                              states.get(str(g.get("host")), "unknown")})
         return views
 
     async def _create(self, scope: Scope, body: bytes) -> Response:
@@ -228,6 +235,8 @@ class ClusterRouter:
             pass
         cfg, cluster = self.node.need()
         rec = await asyncio.to_thread(cluster.find_domain, ref)
+        if rec is not None and rec.get("state") in WAITING:
+            return await self._waiting(scope, rec)
         if rec is None or rec.get("host") == cfg.host:
             return None                          # unknown: the local API says so
         host = str(rec["host"])
@@ -242,6 +251,36 @@ class ClusterRouter:
             return JSONResponse({**json.loads(bytes(resp.body)), "host": host})
         return resp
 
+    async def _waiting(self, scope: Scope, rec: dict[str, Any]) -> Response:
+        """A domain no host holds: `lost` (the HA manager restarts it) or `ha-failed` (the
+        HA manager gave up): shown, deleted, or — ha-failed — started by the operator."""
+        uuid, name, state = str(rec["uuid"]), str(rec["name"]), str(rec.get("state"))
+        action = "/".join(scope["path"].split("/")[4:])
+        method = scope["method"]
+        if method == "GET" and action == "":
+            return JSONResponse(waiting_view(rec))
+        if method == "DELETE" and action == "":
+            return JSONResponse(await asyncio.to_thread(forget_waiting, self.node, uuid))
+        if method == "POST" and action == "start":
+            host, moved = await asyncio.to_thread(restart_failed, self.node, uuid)
+            body = json.dumps({"config": moved["config"],
+                               "managed": bool(moved.get("managed"))}).encode()
+            try:
+                resp = await self._proxy(host, "POST", "/v1/domains", body,
+                                         timeout=LAUNCH_TIMEOUT_S)
+            except GridvmError as exc:
+                await asyncio.to_thread(restart_failed_back, self.node, uuid, str(exc))
+                raise
+            if resp.status_code != 200:
+                why = json.loads(bytes(resp.body)).get("error", f"HTTP {resp.status_code}")
+                await asyncio.to_thread(restart_failed_back, self.node, uuid, str(why))
+                return resp
+            return JSONResponse({**json.loads(bytes(resp.body)), "host": host})
+        then = ("the HA manager restarts it" if state == Custody.LOST else
+                f"`gridvm start {name}` starts it again, `gridvm delete {name}` removes it")
+        raise Conflict(f"domain {name} runs on no host ({state}: "
+                       f"{rec.get('reason') or 'no reason recorded'}); {then}")
+
     async def _at_host(self, scope: Scope) -> Response | None:
         """`/v1/migrations/…?host=H`: a job that runs on host H."""
         query = urllib.parse.parse_qs(scope.get("query_string", b"").decode())
@@ -250,6 +289,20 @@ class ClusterRouter:
         if host is None or host == cfg.host:
             return None
         return await self._proxy(host, scope["method"], scope["path"])
+
+
+def waiting_view(rec: dict[str, Any]) -> dict[str, Any]:
+    """A domain view (as a host gives it) of a registry record no host holds."""
+    cfg = DomainConfig.model_validate(rec["config"])
+    return {
+        "name": cfg.name, "uuid": rec["uuid"], "domid": None, "state": rec.get("state"),
+        "type": cfg.type, "memory": cfg.memory, "maxmem": cfg.max_memory, "vcpus": cfg.vcpus,
+        "cpu_time": 0.0, "uptime": None, "managed": bool(rec.get("managed")), "accel": None,
+        "pid": None, "vifs": [{"mac": v.mac, "bridge": v.bridge, "ip": v.ip or cfg.net.ip,
+                               "tap": None} for v in cfg.vifs],
+        "disks": [d.model_dump() for d in cfg.disks], "shutdown_reason": rec.get("reason"),
+        "config": cfg.public(), "host": rec.get("host"), "host_state": None,
+    }
 
 
 def _header(scope: Scope, name: str) -> str | None:

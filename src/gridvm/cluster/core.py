@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from gridvm.cluster import custody
 from gridvm.cluster.etcd import Compare, Etcd, EtcdError, delete_op, put_op
 from gridvm.cluster.hoststate import derive
 from gridvm.errors import Conflict
@@ -278,22 +279,36 @@ class Cluster:
         if name:
             self.release_name(name, uuid)
 
+    def forget_domain_at(self, uuid: str, rev: int, name: str) -> bool:
+        """Delete a registry record if it is still at revision `rev`, and release its name."""
+        key = self.key("domains", uuid)
+        if not self.etcd.txn([Compare(key, "MOD", rev)], [delete_op(key)]):
+            return False
+        self.release_name(name, uuid)
+        return True
+
     def forget_host(self, name: str) -> None:
         """Delete everything kept about a host (its lease-bound keys expire on their own)."""
         for kind in ("hosts", "fenced", "capacity", "alive"):
             self.etcd.delete(self.key(kind, name))
 
     def move_domain(self, uuid: str, expect_rev: int, update: dict[str, Any]) -> bool:
-        """Compare-and-swap a registry record (e.g. give it to a new host)."""
+        """Compare-and-swap a registry record (e.g. give it to a new host); a change of
+        custody must be in the table (custody.CUSTODY)."""
         key = self.key("domains", uuid)
         kv = self.etcd.get(key)
         if kv is None or kv.mod_revision != expect_rev:
             return False
-        return self.etcd.txn([Compare(key, "MOD", expect_rev)],
-                             [put_op(key, _dumps({**kv.json(), **update}))])
+        old = kv.json()
+        new = {**old, **update}
+        custody.step(str(old.get("name", uuid)), old, new)
+        return self.etcd.txn([Compare(key, "MOD", expect_rev)], [put_op(key, _dumps(new))])
 
     def put_domain(self, uuid: str, record: dict[str, Any]) -> None:
-        """Write a whole registry record."""
+        """Write a whole registry record (a change of custody must be in the table)."""
+        old = self.etcd.get_json(self.key("domains", uuid))
+        custody.step(str(record.get("name", uuid)), old if isinstance(old, dict) else None,
+                     record)
         self.etcd.put_json(self.key("domains", uuid), record)
 
     def mark_fenced(self, host: str, *, by: str) -> None:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from itertools import groupby
 from typing import Any
 
+from gridvm.cluster.custody import Custody
 from gridvm.cluster.ha_env import FenceFailed, HaEnv
 from gridvm.cluster.hoststate import HostWatch
 from gridvm.cluster.placement import (
@@ -53,6 +54,7 @@ LOOP_LIMIT = 3
 LOOP_WINDOW_S = 300.0
 OBSERVE_GAP_S = 2.0   # sightings older than a gap this long in observing are forgotten
 AVOID_S = 60.0        # a domain's restarts avoid a host where its launch failed this long
+LOST, HA_FAILED = Custody.LOST.value, Custody.HA_FAILED.value
 HOST_FAILURES = ("fenced", "gone")   # reasons a domain was lost that are not its fault
 
 
@@ -113,7 +115,7 @@ class HaManager:
         registry = env.domains()
         fenced = {h for h, s in states.items() if s == "fenced"}
         todo = [g for g in registry.values() if g.get("ha", "off") in RESTARTED and (
-            (g.get("host") in fenced and g.get("state") in ACTIVE) or g.get("state") == "lost")]
+            (g.get("host") in fenced and g.get("state") in ACTIVE) or g.get("state") == LOST)]
         self.failed_on = {u: fails for u, hs in self.failed_on.items()
                           if (fails := {h: t for h, t in hs.items() if now - t < AVOID_S})}
         if not todo:
@@ -163,11 +165,11 @@ class HaManager:
         # host failures do not count: a domain its host's resync marked lost ("fenced": the
         # host lost its lease, so its watchdog or a power loss stopped it) is one, and so is
         # one its gridvmd found gone when it started ("gone")
-        guest_failure = rec.get("state") == "lost" and rec.get("reason") not in HOST_FAILURES
+        guest_failure = rec.get("state") == LOST and rec.get("reason") not in HOST_FAILURES
         if guest_failure and len(recent) >= LOOP_LIMIT:
             env.log(logging.ERROR, f"{name}: restarted {len(recent)} times in "
                                    f"{LOOP_WINDOW_S:.0f}s; giving up")
-            env.move_domain(uuid, rev, {"state": "ha-failed"})
+            env.move_domain(uuid, rev, {"state": HA_FAILED})
             return None
         demand = Demand.of(DomainConfig.model_validate(rec["config"]))
         try:
@@ -175,14 +177,14 @@ class HaManager:
         except NoHostFits as exc:
             if rec.get("ha") == "best-effort":
                 env.log(logging.ERROR, f"{name}: best-effort, giving up: {exc}")
-                env.move_domain(uuid, rev, {"state": "ha-failed", "reason": str(exc)})
+                env.move_domain(uuid, rev, {"state": HA_FAILED, "reason": str(exc)})
             elif uuid not in self.unplaced:
                 env.log(logging.ERROR, f"{name}: cannot restart yet: {exc}")
                 self.unplaced.add(uuid)
             return None
         self.unplaced.discard(uuid)
         from_host = rec.get("host")
-        update = {"host": target.name, "state": "restarting",
+        update = {"host": target.name, "state": Custody.RESTARTING.value,
                   "ha_restarts": [*recent, wall] if guest_failure else recent}
         if not env.move_domain(uuid, rev, update):
             return None
@@ -205,4 +207,4 @@ class HaManager:
                        exc: GridvmError) -> None:
         """Back to `lost` (the target may have dropped the record and the name)."""
         self.env.reserve_name(name, uuid)
-        self.env.put_domain(uuid, {**rec, "state": "lost", "reason": str(exc)})
+        self.env.put_domain(uuid, {**rec, "state": LOST, "reason": str(exc)})

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from gridvm.cluster.custody import CUSTODY, WAITING, custody
 from gridvm.cluster.etcd import EtcdUnavailable
 from gridvm.cluster.ha import HaManager, HaSettings
 from gridvm.cluster.ha_env import FenceFailed
@@ -247,7 +248,7 @@ class SimWorld:
                 self.reg.put(u, record(self.configs[u], h.name, "running",
                                        got[0].get("ha_restarts", []) if got else []))
         for u, (rec, _) in sorted(self.reg.domains.items(), key=lambda kv: kv[1][0]["name"]):
-            if rec["host"] != h.name or u in h.running:
+            if rec["host"] != h.name or u in h.running or rec.get("state") in WAITING:
                 continue
             if rec.get("ha") == "restart" and rec.get("state") in ACTIVE:
                 self.reg.put(u, {**rec, "state": "lost", "domid": None, "reason": "fenced"})
@@ -399,11 +400,18 @@ class SimEnv:
         got = reg.domains.get(uuid)
         if got is None or got[1] != expect_rev:
             return False
-        reg.put(uuid, {**got[0], **update})
+        new = {**got[0], **update}
+        CUSTODY.check(str(new["name"]), custody(got[0].get("state")), custody(new.get("state")))
+        reg.put(uuid, new)
         return True
 
     def put_domain(self, uuid: str, record: dict[str, Any]) -> None:
-        self._reach().put(uuid, dict(record))
+        reg = self._reach()
+        got = reg.domains.get(uuid)
+        if got is not None:
+            CUSTODY.check(str(record["name"]), custody(got[0].get("state")),
+                          custody(record.get("state")))
+        reg.put(uuid, dict(record))
 
     def reserve_name(self, name: str, uuid: str) -> None:
         reg = self._reach()

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from gridvm.cluster.custody import Custody
 from gridvm.config.model import DomainConfig
 from gridvm.errors import ResourceError
 from gridvm.lifecycle import WITH_QEMU
@@ -169,4 +170,4 @@ def loads_from(states: dict[str, str], capacity: dict[str, dict[str, object]],
 
 # Registry states in which a domain occupies its host: every domain state with a QEMU, and
 # the HA manager's "restarting" (placed, being launched).
-ACTIVE = (*sorted(WITH_QEMU), "restarting")
+ACTIVE = (*sorted(WITH_QEMU), Custody.RESTARTING.value)

@@ -8,8 +8,17 @@ from __future__ import annotations
 from typing import Any
 
 from gridvm.cluster import enroll
+from gridvm.cluster.custody import WAITING, Custody
 from gridvm.cluster.node import ClusterNode
-from gridvm.cluster.placement import ACTIVE, Demand, NoHostFits, loads_from, place, why_not
+from gridvm.cluster.placement import (
+    ACTIVE,
+    Demand,
+    NoHostFits,
+    loads_from,
+    place,
+    place_ha,
+    why_not,
+)
 from gridvm.config.model import RESTARTED, DomainConfig
 from gridvm.errors import Conflict, NotFound, ResourceError
 
@@ -147,3 +156,49 @@ def revoke_member(node: ClusterNode, name: str) -> dict[str, Any]:
     if serial is None:
         raise NotFound(f"no certificate is in force for {name!r}")
     return {"member": name, "revoked_serial": str(serial)}
+
+
+def restart_failed(node: ClusterNode, uuid: str) -> tuple[str, dict[str, Any]]:
+    """The operator starts a domain the HA manager gave up on (`ha-failed`): place it as an
+    HA restart, hand the record to that host (restart count cleared); (host, record) to
+    launch there. `relaunch_failed` puts it back if the launch fails."""
+    ccfg, cluster = node.need()
+    got = cluster.domain_kv(uuid)
+    if got is None:
+        raise NotFound(f"no domain {uuid} in the cluster")
+    rec, rev = got
+    if rec.get("state") != Custody.HA_FAILED:
+        raise Conflict(f"domain {rec['name']} is {rec.get('state')}: the HA manager restarts "
+                       "it; only an ha-failed domain is started by hand")
+    registry = cluster.domains()
+    loads = loads_from(cluster.host_states(), cluster.capacity(), registry,
+                       skip=frozenset({uuid}))
+    target = place_ha(Demand.of(DomainConfig.model_validate(rec["config"])),
+                      list(loads.values()), cpu_ratio=ccfg.cpu_ratio).name
+    update = {"host": target, "state": Custody.RESTARTING.value, "ha_restarts": [],
+              "reason": "started by the operator"}
+    if not cluster.move_domain(uuid, rev, update):
+        raise Conflict(f"domain {rec['name']} changed meanwhile; try again")
+    return target, {**rec, **update}
+
+
+def restart_failed_back(node: ClusterNode, uuid: str, why: str) -> None:
+    """The operator's launch failed: the domain is ha-failed again (unless a host has it)."""
+    _, cluster = node.need()
+    got = cluster.domain_kv(uuid)
+    if got is not None and got[0].get("state") == Custody.RESTARTING:
+        cluster.move_domain(uuid, got[1], {"state": Custody.HA_FAILED.value, "reason": why})
+
+
+def forget_waiting(node: ClusterNode, uuid: str) -> dict[str, Any]:
+    """Delete a domain no host holds (lost or ha-failed) from the registry; its name is free
+    again. Refused if it changed meanwhile (the HA manager restarted it)."""
+    _, cluster = node.need()
+    got = cluster.domain_kv(uuid)
+    if got is None:
+        raise NotFound(f"no domain {uuid} in the cluster")
+    rec, rev = got
+    if rec.get("state") not in WAITING or not cluster.forget_domain_at(uuid, rev,
+                                                                       str(rec["name"])):
+        raise Conflict(f"domain {rec['name']} is {rec.get('state')} now: a host has it")
+    return {"name": rec["name"], "uuid": uuid, "state": "removed"}

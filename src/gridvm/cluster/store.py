@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gridvm.cluster.core import Cluster
+from gridvm.cluster.custody import WAITING, Custody
 from gridvm.cluster.etcd import Compare, EtcdError, delete_op
 from gridvm.cluster.placement import ACTIVE
 from gridvm.cluster.settings import Files
@@ -30,8 +31,6 @@ log = logging.getLogger("gridvm.cluster.store")
 # Stops the HA manager undoes. "gone": gridvmd found the QEMU gone when it started (the host
 # or gridvmd was down), which the HA manager does not count as a guest failure.
 UNEXPECTED = ("poweroff", "crash", "qemu-died", "gone")
-# Registry states of a domain no host runs that wait for the HA manager (or the operator).
-WAITING = ("lost", "ha-failed")
 
 
 def registry_record(rec: DomainRecord, host: str, old: dict[str, Any] | None) -> dict[str, Any]:
@@ -149,8 +148,8 @@ class ClusterStore:
             if old.get("host") != self.host:
                 return                      # moved to another host: not ours any more
             if reason is not None and self.hands_over(rec, reason):
-                if not self.cluster.move_domain(rec.uuid, rev, {"state": "lost", "domid": None,
-                                                                "reason": reason}):
+                lost = {"state": Custody.LOST.value, "domid": None, "reason": reason}
+                if not self.cluster.move_domain(rec.uuid, rev, lost):
                     self.dirty = True       # changed meanwhile: resync marks it lost
                 log.warning("%s: stopped (%s) and not restarted here: marked lost for the "
                             "HA manager", rec.name, reason)
@@ -212,8 +211,8 @@ class ClusterStore:
             if got is None:
                 continue
             if g.get("ha") == "restart" and g.get("state") in ACTIVE:
-                self.cluster.move_domain(uuid, got[1], {"state": "lost", "domid": None,
-                                                        "reason": "fenced"})
+                self.cluster.move_domain(uuid, got[1], {"state": Custody.LOST.value,
+                                                        "domid": None, "reason": "fenced"})
                 log.warning("%s: gone while this host was fenced: marked lost for the HA "
                             "manager", g.get("name"))
             else:
