@@ -546,7 +546,7 @@ INVALID = [
     ("name = ''", "invalid name = '': must not be empty"),
     ("name = 5", "invalid name = 5: expected a string, not int"),
     ("uuid = 'not-a-uuid'", "invalid uuid = 'not-a-uuid': invalid uuid"),
-    ("builder = 'vmx'", "invalid builder = 'vmx': expected 'linux' or 'hvm'"),
+    ("builder = 'xenpv'", "invalid builder = 'xenpv': expected 'linux' or 'hvm'"),
     ("type = 'kvm'", "invalid type = 'kvm': expected 'pv', 'pvh' or 'hvm'"),
     ("kernel = ['a']", "invalid kernel = ['a']: expected a string, not list"),
     ("on_crash = 'explode'", "invalid on_crash = 'explode': expected one of coredump-destroy"),
@@ -690,6 +690,13 @@ def test_hvmloader_is_dropped_only_for_hvm() -> None:
     loader = "kernel = '/usr/lib/xen/boot/hvmloader'\n"
     assert cfg("name = 'a'\nbuilder = 'hvm'\n" + loader).kernel is None
     assert cfg("name = 'a'\n" + loader).kernel == "/usr/lib/xen/boot/hvmloader"
+
+
+def test_xen_3_0_vmx_guests_are_hvm() -> None:
+    """Xen 3.0.0's name for HVM was VMX (builder 'vmx', firmware 'vmxloader')."""
+    c = cfg("name = 'old'\nbuilder = 'vmx'\nkernel = '/usr/lib/xen/boot/vmxloader'\n"
+            "memory = 128\ndisk = ['file:/var/images/el3.img,ioemu:hda,w']\n")
+    assert (c.type, c.kernel, c.disks[0].vdev) == ("hvm", None, "hda")
 
 
 @pytest.mark.parametrize(("value", "expected"), [

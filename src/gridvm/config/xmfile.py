@@ -193,7 +193,7 @@ class _Reader:
             self.bad(key, value, str(exc))
 
     def k_builder(self, key: str, value: object) -> None:
-        if value == "hvm":
+        if value in ("hvm", "vmx"):       # Xen 3.0.0 called HVM guests "vmx" (Intel VT)
             dtype = "hvm"
         elif value in ("linux", "generic"):
             dtype = "pv"
@@ -381,7 +381,8 @@ class _Reader:
             self.read_key(key)
         dtype = self.fields.get("type", "pv")
         kernel = self.fields.get("kernel")
-        if dtype == "hvm" and isinstance(kernel, str) and os.path.basename(kernel) == "hvmloader":
+        if dtype == "hvm" and isinstance(kernel, str) and os.path.basename(kernel) in (
+                "hvmloader", "vmxloader"):
             del self.fields["kernel"]  # xm's HVM firmware loader: SeaBIOS takes its place
         elif dtype != "hvm" and isinstance(kernel, str) and _PVGRUB.match(
                 os.path.basename(kernel)):
