@@ -26,7 +26,9 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections import deque
+from collections.abc import Awaitable, Callable, Generator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,6 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("gridvm.backup")
 
 NBD_WAIT_S = 10.0
+READ_AHEAD = 2      # chunks read ahead of the one being hashed and stored
 Commit = Callable[[list["Plan"], str], Awaitable[dict[str, Any]]]
 
 
@@ -152,7 +155,8 @@ def read_disk(sock: Path, export: str, plan: Plan, store: ChunkStore) -> None:
     """Read one disk's export into the store (blocking): its index and figures in `plan`."""
     contexts = (ALLOCATION, dirty_bitmap(plan.old)) if plan.old else (ALLOCATION,)
     try:
-        with NbdClient.unix(sock, export, contexts) as nbd:
+        with contextlib.ExitStack() as stack:
+            nbd = stack.enter_context(NbdClient.unix(sock, export, contexts))
             size = nbd.size
             index = Index(size)
             if plan.base is not None:
@@ -164,12 +168,16 @@ def read_disk(sock: Path, export: str, plan: Plan, store: ChunkStore) -> None:
             else:
                 todo = set(range(index.chunks))
                 zero = _zero_chunks(nbd.extents(ALLOCATION), size)
+            reads = [i for i in range(index.chunks)
+                     if i not in zero and (plan.base is None or i in todo)]
+            ahead = stack.enter_context(contextlib.closing(
+                _read_ahead(nbd, [(i * CHUNK, index.chunk_len(i)) for i in reads])))
             for i in range(index.chunks):
                 length = index.chunk_len(i)
                 if i not in todo and plan.base is not None:
                     index.digests.append(plan.base.digests[i])
                     continue
-                data = ZERO[:length] if i in zero else nbd.read(i * CHUNK, length)
+                data = ZERO[:length] if i in zero else next(ahead)
                 if i not in zero:
                     plan.read += length
                 d = digest(data)
@@ -184,6 +192,19 @@ def read_disk(sock: Path, export: str, plan: Plan, store: ChunkStore) -> None:
         if isinstance(exc, (ConnectionError, socket.timeout)):
             raise GridvmError(f"reading {plan.vdev} for the backup failed: {exc}") from None
         raise store_error(exc, store.root) from None
+
+
+def _read_ahead(nbd: NbdClient, extents: list[tuple[int, int]]) -> Generator[bytes]:
+    """The data of `extents` in order, read by a thread while the caller hashes and stores
+    the chunk before (the socket, SHA-256, zlib and file writes all release the GIL)."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="backup-read") as pool:
+        queue = deque(pool.submit(nbd.read, off, n) for off, n in extents[:READ_AHEAD])
+        for off, n in extents[READ_AHEAD:]:
+            data = queue.popleft().result()
+            queue.append(pool.submit(nbd.read, off, n))
+            yield data
+        while queue:
+            yield queue.popleft().result()
 
 
 class Backups:
