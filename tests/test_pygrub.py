@@ -203,6 +203,27 @@ def test_legacy_menu_on_a_boot_partition(tmp_path: Path) -> None:
     assert got.kernel.read_bytes() == b"vmlinuz-a" * 1000
 
 
+def test_a_disk_whose_guest_died_before_replaying_its_journal_still_boots(
+        tmp_path: Path) -> None:
+    """A guest killed mid-write (a host power loss) leaves allocation bitmaps that do not
+    match their checksums until its kernel replays the journal; debugfs in its default mode
+    refuses to open such a filesystem, so pygrub said "no GRUB configuration" and the
+    domain could never start again (found in the database lab after a power-off)."""
+    uuid = "5e1f0a8b-0000-4000-8000-000000000002"
+    small_tree(tmp_path / "root", GRUB_CFG.replace("{uuid}", uuid))
+    raw = tmp_path / "disk.raw"
+    disk.make_boot_disk(raw, tmp_path / "root", 48 << 20, uuid=uuid)
+    part = diskread.partitions(raw)[0]
+    device = f"{raw}?offset={part.start}"
+    subprocess.run(["debugfs", "-w", "-R", "set_bg 0 block_bitmap_csum 0x1234", device],
+                   check=True, capture_output=True)
+    plain = subprocess.run(["debugfs", "-R", "stat /boot/grub/grub.cfg", device],
+                           capture_output=True, text=True)
+    assert "checksum does not match" in plain.stderr          # the state the guest left
+    got = extract(raw, tmp_path / "out")
+    assert got.title == "second" and got.kernel.read_bytes() == b"vmlinuz-b" * 1000
+
+
 def test_unbootable_disks_are_one_line_errors(tmp_path: Path) -> None:
     blank = tmp_path / "blank.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(blank), "64M"], check=True)

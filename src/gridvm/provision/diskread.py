@@ -177,13 +177,17 @@ class ExtReader:
         return f"{self.image}?offset={self.offset}" if self.offset else str(self.image)
 
     def _debugfs(self, request: str) -> bytes:
-        proc = procs.run(["debugfs", "-R", request, self.device], timeout=600)
-        return proc.stdout
+        return procs.run(self._argv("-R", request), timeout=600).stdout
+
+    def _argv(self, *args: str) -> list[str]:
+        """debugfs on this filesystem, read-only in catastrophic mode (-c): it does not read
+        the allocation bitmaps, which reads never need and which a filesystem whose guest
+        died before replaying its journal may not match (debugfs then refuses to open it)."""
+        return ["debugfs", "-c", *args, self.device]
 
     def _stat(self, path: str) -> dict[str, str]:
         """`Type` and, for fast symlinks, `Fast link dest` of one inode ({} if absent)."""
-        proc = procs.run(["debugfs", "-R", f'stat "{_quote(path)}"', self.device],
-                         timeout=60, check=False)
+        proc = procs.run(self._argv("-R", f'stat "{_quote(path)}"'), timeout=60, check=False)
         text = proc.stdout.decode(errors="replace")
         out: dict[str, str] = {}
         m = re.search(r"Type: (\w+)", text)
@@ -277,7 +281,7 @@ class ExtReader:
         script.write_text("".join(f'ls -l "{d}"\n' for d in dirs
                                   if '"' not in d and "\n" not in d))
         try:
-            out = procs.run(["debugfs", "-f", str(script), self.device],
+            out = procs.run(self._argv("-f", str(script)),
                             timeout=600).stdout.decode(errors="replace")
         finally:
             script.unlink(missing_ok=True)
@@ -299,7 +303,7 @@ class ExtReader:
             os.chmod(dest, root_mode & 0o7777)
 
     def _stat_mode(self, path: str) -> str:
-        text = procs.run(["debugfs", "-R", f'stat "{_quote(path)}"', self.device],
+        text = procs.run(self._argv("-R", f'stat "{_quote(path)}"'),
                          timeout=60).stdout.decode(errors="replace")
         m = re.search(r"Mode:\s+(\d+)", text)
         return m.group(1) if m else "0"
