@@ -19,6 +19,7 @@ Everything else reaches the local API unchanged.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import urllib.parse
 from typing import Any
@@ -272,8 +273,10 @@ class ClusterRouter:
                 await asyncio.to_thread(restart_failed_back, self.node, uuid, str(exc))
                 raise
             if resp.status_code != 200:
-                why = json.loads(bytes(resp.body)).get("error", f"HTTP {resp.status_code}")
-                await asyncio.to_thread(restart_failed_back, self.node, uuid, str(why))
+                why = f"HTTP {resp.status_code}"
+                with contextlib.suppress(ValueError, AttributeError):
+                    why = str(json.loads(bytes(resp.body)).get("error") or why)
+                await asyncio.to_thread(restart_failed_back, self.node, uuid, why)
                 return resp
             return JSONResponse({**json.loads(bytes(resp.body)), "host": host})
         then = ("the HA manager restarts it" if state == Custody.LOST else
