@@ -65,10 +65,10 @@ def run(home: Home) -> None:
     cfg = files.load()
     if cfg is None:
         raise SystemExit(f"watchdog: {files.config} does not exist")
-    # Renewals have their own deadline (the Lease's); a grant or a put may take longer (a
-    # raft commit on a loaded machine) and is not urgent: with a renewal-sized timeout a new
-    # lease could never be set up while commits are slow.
-    etcd = files.etcd(cfg.etcd, timeout=max(float(cfg.ttl), 2.0))
+    # Every call, the grant and the alive key's put included, waits no longer than a renewal
+    # may: the lease's deadline counts from before its grant, so a slow grant or put would
+    # leave a lease that is lost the moment it is taken.
+    etcd = files.etcd(cfg.etcd, timeout=max(cfg.ttl / 6, 0.2))
     cluster = Cluster(etcd)
     alive_key = cluster.key("alive", cfg.host)
 
@@ -82,8 +82,7 @@ def run(home: Home) -> None:
         killed = fence(files)
         log.error("lease %x lost: fenced; killed HA QEMUs %s", lease, killed)
 
-    lease = Lease(etcd, cfg.ttl, rpc_timeout=max(cfg.ttl / 6, 0.2), on_granted=granted,
-                  on_lost=lost, name="host-lease")
+    lease = Lease(etcd, cfg.ttl, on_granted=granted, on_lost=lost, name="host-lease")
     stop = False
 
     def term(*_: object) -> None:
