@@ -197,9 +197,7 @@ def _q(text: str) -> str:
 def reclone_script(primary_ip: str, password: str, dbs: list[str]) -> str:
     """Drop the member's data and binary log, and load a consistent copy of the primary's
     databases and accounts with the GTID position it was taken at (nothing of it goes to
-    the member's own binary log). That position also seeds the member's (empty) binary log
-    state: a dump of this member once it is promoted (mariadb-dump takes @@gtid_binlog_pos)
-    must carry it, or the next member re-cloned from it starts with no GTID position."""
+    the member's own binary log)."""
     names = " ".join(_q(d) for d in dbs)
     return f"""set -e
 mariadb -e 'STOP SLAVE; RESET SLAVE ALL; SET GLOBAL read_only = ON'
@@ -212,5 +210,4 @@ MYSQL_PWD={_q(password)} mariadb-dump -h {_q(primary_ip)} -u {sql.ADMIN} \
     --single-transaction --gtid --master-data=1 --system=users --insert-ignore \
     --routines --events --triggers --databases {names} \
     | mariadb --init-command='SET sql_log_bin = 0'
-mariadb -e 'SET GLOBAL gtid_binlog_state = @@global.gtid_slave_pos' || true
 """
